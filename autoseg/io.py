@@ -1,0 +1,311 @@
+"""Reading and writing medical images, with their geometry.
+
+One interface for every format autoseg accepts:
+
+* SimpleITK: ``.nii.gz .nii .mha .mhd .nrrd .nhdr`` files and DICOM series folders;
+* 2D natural images: ``.png .bmp`` through scikit-image, ``.tif .tiff`` through tifffile
+  (a ``.tif`` may hold a 3D stack; its spacing comes from an optional ``<name>.json`` sidecar
+  ``{"spacing": [...]}`` in array-axis order, as nnU-Net's Tiff3DIO does).
+
+Axis convention (used everywhere in autoseg):
+
+* ``Image.array`` is indexed ``[z, y, x]`` for 3D and ``[y, x]`` for 2D: the order SimpleITK's
+  ``GetArrayFromImage`` returns, which is the reverse of ITK's physical ``(x, y, z)``.
+* ``Image.spacing`` is in the **array's axis order**, in millimetres, so ``spacing[i]`` is the
+  size of one step along ``array.shape[i]``.
+* ``Image.origin`` and ``Image.direction`` are kept exactly as ITK stores them (physical ``x, y, z``
+  order; the direction is the row-major flattened cosine matrix). They are only needed to put
+  results back where they came from, so they stay in the file's own convention.
+
+Writing a prediction with :func:`write_like` copies the geometry and format of its source image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SITK_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+NATURAL_2D_ENDINGS = (".png", ".bmp")
+TIFF_ENDINGS = (".tif", ".tiff")
+SUPPORTED_ENDINGS = SITK_ENDINGS + NATURAL_2D_ENDINGS + TIFF_ENDINGS
+
+
+class ImageReadError(Exception):
+    """An image could not be read; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class Image:
+    """A spatial array and the geometry that places it in the patient.
+
+    Attributes:
+        array: voxel values, axes ``(z, y, x)`` or ``(y, x)``.
+        spacing: voxel size in mm, in the array's axis order.
+        origin: physical position of the first voxel, ITK order ``(x, y, z)``.
+        direction: flattened row-major direction cosines, ITK order.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...] = field(default=())
+    direction: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        ndim = self.array.ndim
+        self.spacing = tuple(float(s) for s in self.spacing)
+        if not self.origin:
+            self.origin = (0.0,) * ndim
+        if not self.direction:
+            self.direction = tuple(np.eye(ndim).ravel().tolist())
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = tuple(float(d) for d in self.direction)
+        if len(self.spacing) != ndim or len(self.origin) != ndim or len(self.direction) != ndim * ndim:
+            raise ValueError(
+                f"geometry does not match a {ndim}D array: spacing {self.spacing}, origin {self.origin}, "
+                f"direction of length {len(self.direction)}"
+            )
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def with_array(self, array: np.ndarray) -> Image:
+        """The same geometry around another array of the same spatial shape."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"shape {array.shape} differs from the geometry's {self.array.shape}")
+        return Image(array, self.spacing, self.origin, self.direction)
+
+
+def file_ending(path: str | os.PathLike) -> str:
+    """The supported ending of ``path`` (``.nii.gz`` counts as one), or its plain suffix."""
+    name = Path(path).name.lower()
+    for ending in SUPPORTED_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return Path(name).suffix
+
+
+def read_image(path: str | os.PathLike) -> Image:
+    """Read one image (or a DICOM series folder) with its geometry.
+
+    Raises:
+        ImageReadError: the file is missing, truncated, of an unsupported kind or unreadable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_dicom_series(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file does not exist")
+    ending = file_ending(path)
+    try:
+        if ending in SITK_ENDINGS:
+            return _read_sitk(path)
+        if ending in NATURAL_2D_ENDINGS:
+            return _read_natural_2d(path)
+        if ending in TIFF_ENDINGS:
+            return _read_tiff(path)
+    except ImageReadError:
+        raise
+    except Exception as error:  # every reader fails differently; one clear message for all
+        raise ImageReadError(path, f"cannot be read ({_short(error)}); is it truncated or corrupt?") from error
+    raise ImageReadError(path, f"unsupported file type {ending!r}; supported: {' '.join(SUPPORTED_ENDINGS)}")
+
+
+def write_image(image: Image, path: str | os.PathLike) -> None:
+    """Write ``image`` to ``path`` atomically (temporary name, then rename), format from the ending."""
+    path = Path(path)
+    ending = file_ending(path)
+    if ending not in SUPPORTED_ENDINGS:
+        raise ValueError(f"{path}: unsupported file type {ending!r}; supported: {' '.join(SUPPORTED_ENDINGS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name keeps the real ending so each writer picks the right format.
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp_", suffix=ending, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if ending in SITK_ENDINGS:
+            _write_sitk(image, tmp)
+        elif ending in NATURAL_2D_ENDINGS:
+            _write_natural_2d(image, tmp)
+        else:
+            _write_tiff(image, tmp, path)
+        if ending in (".mhd", ".nhdr"):
+            _rename_detached(tmp, path, ending)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_like(array: np.ndarray, reference: Image, path: str | os.PathLike) -> None:
+    """Write ``array`` with the geometry of ``reference`` (e.g. a prediction over its source scan)."""
+    write_image(reference.with_array(array), path)
+
+
+# --- SimpleITK -------------------------------------------------------------------------------------
+
+
+def _read_sitk(path: Path) -> Image:
+    import SimpleITK as sitk
+
+    itk = sitk.ReadImage(str(path))
+    return _from_sitk(itk, path)
+
+
+def _from_sitk(itk, path: Path) -> Image:
+    import SimpleITK as sitk
+
+    if itk.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(path, f"has {itk.GetNumberOfComponentsPerPixel()} components per voxel; "
+                                   "autoseg expects one file per channel")
+    if itk.GetDimension() not in (2, 3):
+        raise ImageReadError(path, f"is {itk.GetDimension()}D; autoseg reads 2D and 3D images "
+                                   "(split 4D files with `autoseg convert`)")
+    array = sitk.GetArrayFromImage(itk)
+    return Image(array, tuple(reversed(itk.GetSpacing())), itk.GetOrigin(), itk.GetDirection())
+
+
+def _to_sitk(image: Image):
+    import SimpleITK as sitk
+
+    array = image.array
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    itk = sitk.GetImageFromArray(array)
+    itk.SetSpacing(tuple(reversed(image.spacing)))
+    itk.SetOrigin(image.origin)
+    itk.SetDirection(image.direction)
+    return itk
+
+
+def _write_sitk(image: Image, path: Path) -> None:
+    import SimpleITK as sitk
+
+    compress = path.name.endswith(".gz") or path.suffix in (".mha", ".nrrd")
+    sitk.WriteImage(_to_sitk(image), str(path), useCompression=compress)
+
+
+def _rename_detached(tmp: Path, path: Path, ending: str) -> None:
+    """Move a header + data pair (.mhd/.raw, .nhdr/.raw.gz) to its final name, fixing the header."""
+    header = tmp.read_text(errors="replace")
+    data_files = [p for p in tmp.parent.glob(tmp.name[: -len(ending)] + ".*") if p != tmp]
+    for data in data_files:
+        final_data = path.parent / (path.name[: -len(ending)] + data.name[len(tmp.name) - len(ending):])
+        header = header.replace(data.name, final_data.name)
+        os.replace(data, final_data)
+    tmp.write_text(header)
+    os.replace(tmp, path)
+
+
+def _read_dicom_series(folder: Path) -> Image:
+    import SimpleITK as sitk
+
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except Exception as error:
+        raise ImageReadError(folder, f"cannot list DICOM series ({_short(error)})") from error
+    if not series:
+        raise ImageReadError(folder, "is a folder without a DICOM series")
+    if len(series) > 1:
+        raise ImageReadError(folder, f"holds {len(series)} DICOM series; put each series in its own folder")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        return _from_sitk(reader.Execute(), folder)
+    except ImageReadError:
+        raise
+    except Exception as error:
+        raise ImageReadError(folder, f"DICOM series cannot be read ({_short(error)})") from error
+
+
+# --- 2D natural images and TIFF --------------------------------------------------------------------
+
+
+def _read_natural_2d(path: Path) -> Image:
+    from skimage import io as skio
+
+    array = np.asarray(skio.imread(str(path)))
+    if array.ndim == 3:
+        # Colour images whose channels are all equal are grey images saved as RGB(A); keep one.
+        colour = array[..., :3]
+        if np.all(colour == colour[..., :1]):
+            array = colour[..., 0]
+        else:
+            raise ImageReadError(path, f"is a colour image of shape {array.shape}; save each colour "
+                                       "channel as its own grey file (CASE_0000, CASE_0001, ...)")
+    if array.ndim != 2:
+        raise ImageReadError(path, f"has shape {array.shape}; expected a 2D grey image")
+    return Image(array, (1.0, 1.0))
+
+
+def _write_natural_2d(image: Image, path: Path) -> None:
+    from skimage import io as skio
+
+    if image.ndim != 2:
+        raise ValueError(f"{path}: PNG/BMP hold 2D images, got shape {image.array.shape}")
+    array = image.array
+    if array.dtype == np.bool_ or (np.issubdtype(array.dtype, np.integer) and array.min() >= 0
+                                   and array.max() <= 255):
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 65535:
+        array = array.astype(np.uint16)
+    else:
+        raise ValueError(f"{path}: PNG/BMP store integers 0..65535; got {array.dtype} "
+                         f"in [{array.min()}, {array.max()}]")
+    skio.imsave(str(path), array, check_contrast=False)
+
+
+def _tiff_sidecar(path: Path) -> Path:
+    return path.with_name(path.name[: -len(file_ending(path))] + ".json")
+
+
+def _read_tiff(path: Path) -> Image:
+    import tifffile
+
+    array = np.asarray(tifffile.imread(str(path)))
+    if array.ndim not in (2, 3):
+        raise ImageReadError(path, f"has shape {array.shape}; expected a 2D image or a 3D stack")
+    spacing: tuple[float, ...] = (1.0,) * array.ndim
+    sidecar = _tiff_sidecar(path)
+    if sidecar.is_file():
+        try:
+            spacing = tuple(float(s) for s in json.loads(sidecar.read_text())["spacing"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ImageReadError(sidecar, f"spacing sidecar is not {{\"spacing\": [...]}} ({_short(error)})")
+        if len(spacing) != array.ndim:
+            raise ImageReadError(sidecar, f"spacing {spacing} does not match the {array.ndim}D image")
+    return Image(array, spacing)
+
+
+def _write_tiff(image: Image, tmp: Path, final: Path) -> None:
+    import tifffile
+
+    tifffile.imwrite(str(tmp), image.array)
+    if any(s != 1.0 for s in image.spacing):
+        sidecar = _tiff_sidecar(final)
+        tmp_sidecar = sidecar.with_name(".tmp_" + sidecar.name)
+        tmp_sidecar.write_text(json.dumps({"spacing": list(image.spacing)}))
+        os.replace(tmp_sidecar, sidecar)
+
+
+def _short(error: BaseException) -> str:
+    """The first meaningful line of an exception (ITK errors are many lines of C++ context)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # SimpleITK puts the C++ location first and the reason on a later "sitk::ERROR:" line.
+    lines = [re.sub(r"^(sitk::ERROR|ITK ERROR):\s*", "", line) for line in lines
+             if not line.startswith("Exception thrown in SimpleITK")] or lines
+    text = lines[-1] if lines else type(error).__name__
+    return text[:300]

@@ -1,0 +1,62 @@
+"""The work folder: every artifact of one dataset in one place, found by explicit path.
+
+::
+
+    WORK/
+      fingerprint.json
+      plan.json
+      dataset.json                      copy of the raw dataset's, so a model folder is self-contained
+      preprocessed/<configuration>/     one .npy + .json per case, and a manifest
+      models/<configuration>/fold_<k>/  checkpoints, logs, validation results
+      models/<configuration>/splits.json
+
+The default work folder is ``./autoseg_work/<dataset name>``; every command accepts ``--work``.
+No environment variable is read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ROOT = Path("autoseg_work")
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """Paths of a work folder (nothing is created until a stage writes)."""
+
+    root: Path
+
+    @classmethod
+    def for_dataset(cls, dataset_dir: str | os.PathLike, work: str | os.PathLike | None = None) -> WorkDir:
+        """The work folder given explicitly, or ``./autoseg_work/<dataset folder name>``."""
+        if work is not None:
+            return cls(Path(work))
+        return cls(DEFAULT_ROOT / Path(dataset_dir).resolve().name)
+
+    @property
+    def fingerprint(self) -> Path:
+        return self.root / "fingerprint.json"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def dataset_json(self) -> Path:
+        return self.root / "dataset.json"
+
+    def preprocessed(self, configuration: str) -> Path:
+        return self.root / "preprocessed" / configuration
+
+    def models(self, configuration: str) -> Path:
+        return self.root / "models" / configuration
+
+    def fold(self, configuration: str, fold: int | str) -> Path:
+        name = "fold_all" if str(fold) == "all" else f"fold_{int(fold)}"
+        return self.models(configuration) / name
+
+    def splits(self, configuration: str) -> Path:
+        return self.models(configuration) / "splits.json"
