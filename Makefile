@@ -1,0 +1,61 @@
+# autoseg: two commands on a fresh clone
+#   make demo   - the whole pipeline on generated example data
+#   make test   - the test suite
+# Each installs what it needs first (an idempotent virtual environment in .venv).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.autoseg-installed
+TORCH_VERSION ?= 2.13.0
+# Where a CPU-only torch comes from when no local wheel is found (a bare `pip install torch`
+# pulls a multi-GB CUDA build on Linux).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+DEMO_DIR ?= demo_work
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint bench clean help
+
+help:
+	@echo "make demo    run every stage end to end on a generated example CT dataset"
+	@echo "make test    run the test suite"
+	@echo "make lint    ruff"
+	@echo "make bench   benchmarks on the example CT dataset (writes bench_results.json)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "no CUDA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(BIN)/pip install --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+		|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(BIN)/pip install -e ".[dev]"
+	@touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check autoseg tests
+
+demo: install
+	@rm -rf $(DEMO_DIR)
+	$(BIN)/autoseg make-example $(DEMO_DIR)/raw --kind ct --num-cases 8 --num-test-cases 3
+	$(BIN)/autoseg validate $(DEMO_DIR)/raw
+	$(BIN)/autoseg plan $(DEMO_DIR)/raw --work $(DEMO_DIR)/work --configurations 3d_fullres --explain
+	$(BIN)/autoseg preprocess $(DEMO_DIR)/work
+	$(BIN)/autoseg train $(DEMO_DIR)/work -c 3d_fullres -f all --epochs 12 --iters-per-epoch 25 --fast-demo
+	$(BIN)/autoseg predict $(DEMO_DIR)/work -i $(DEMO_DIR)/raw/imagesTs -o $(DEMO_DIR)/predictions -c 3d_fullres -f all --fast
+	$(BIN)/autoseg evaluate $(DEMO_DIR)/predictions $(DEMO_DIR)/raw/labelsTs --dataset-json $(DEMO_DIR)/raw/dataset.json
+
+bench: install
+	$(BIN)/autoseg benchmark --example ct -o bench_results.json
+
+clean:
+	rm -rf $(DEMO_DIR) autoseg_work .pytest_cache

@@ -1,0 +1,427 @@
+"""The ``autoseg`` command line: a thin layer over the library, one subcommand per stage.
+
+Every subcommand takes explicit paths; nothing is read from environment variables. Each handler
+imports its stage lazily so that ``autoseg --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+EPILOG = """\
+typical run:
+  autoseg make-example data/ct --kind ct          # or use your own nnU-Net v2 style dataset
+  autoseg validate data/ct
+  autoseg plan data/ct --work work/ct --explain
+  autoseg preprocess work/ct
+  autoseg train work/ct -c 3d_fullres -f 0
+  autoseg predict work/ct -i new_scans/ -o predictions/ -c 3d_fullres -f 0
+  autoseg evaluate predictions/ references/ --dataset-json data/ct/dataset.json
+"""
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed without a traceback, exit code 1."""
+
+
+def _subcommand(subparsers, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog="example:\n" + textwrap.indent(example.strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# --- handlers -------------------------------------------------------------------------------------
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from autoseg.validate import format_report, validate_dataset
+
+    problems = validate_dataset(args.dataset, n_jobs=args.jobs, progress=not args.quiet)
+    print(format_report(problems))
+    return 1 if any(p.severity == "error" for p in problems) else 0
+
+
+def _cmd_make_example(args: argparse.Namespace) -> int:
+    from autoseg.examples import make_example
+
+    path = make_example(args.dest, kind=args.kind, num_cases=args.num_cases, seed=args.seed,
+                        num_test_cases=args.num_test_cases, progress=True)
+    print(f"wrote example {args.kind} dataset to {path}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from autoseg import convert
+
+    if args.spec:
+        src, dst = args.paths if len(args.paths) == 2 else (None, None)
+        if src is None:
+            raise CommandError("usage: autoseg convert --spec SPEC SRC DST")
+        out = convert.convert_with_spec(args.spec, src, dst, progress=True)
+    else:
+        if len(args.paths) != 3 or args.paths[0] != "msd":
+            raise CommandError("usage: autoseg convert msd SRC DST   or   autoseg convert --spec SPEC SRC DST")
+        out = convert.convert_msd(args.paths[1], args.paths[2], progress=True)
+    print(f"converted dataset written to {out}")
+    return 0
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from autoseg.fingerprint import load_or_compute_fingerprint
+    from autoseg.workdir import WorkDir
+
+    work = WorkDir.for_dataset(args.dataset, args.work)
+    fingerprint, reused = load_or_compute_fingerprint(args.dataset, work.root, n_jobs=args.jobs, force=args.force)
+    print(f"{'reused' if reused else 'wrote'} {work.fingerprint}")
+    for warning in getattr(fingerprint, "warnings", ()) or ():
+        print(f"warning: {warning}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from autoseg.planning import explain_plan, plan_dataset, verify_memory
+    from autoseg.workdir import WorkDir
+
+    work = WorkDir.for_dataset(args.dataset, args.work)
+    plan = plan_dataset(
+        args.dataset, work.root,
+        gpu_memory_gb=args.gpu_memory_gb,
+        configurations=args.configurations,
+        arch=args.arch,
+        preset=args.preset,
+        ct_priors=args.ct_priors,
+        time_budget_hours=args.time_budget,
+        device=args.device,
+        n_jobs=args.jobs,
+    )
+    print(f"wrote {work.plan}: configurations {', '.join(plan.configurations)}")
+    if args.explain:
+        print(explain_plan(plan))
+    if args.verify:
+        for name in plan.configurations:
+            print(verify_memory(plan, name, device=args.device))
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from autoseg.preprocessing import preprocess_dataset
+
+    summaries = preprocess_dataset(args.work, configurations=args.configurations, n_jobs=args.jobs,
+                                   force=args.force, dataset_dir=args.dataset)
+    for name, summary in summaries.items():
+        print(f"{name}: {summary}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from autoseg.training import TrainOverrides, train
+
+    overrides = TrainOverrides(
+        epochs=args.epochs,
+        iterations_per_epoch=args.iters_per_epoch,
+        validation_iterations=args.val_iters,
+        initial_lr=args.lr,
+        loss=args.loss,
+        augmentation=args.augmentation,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    fold: int | str = args.fold if args.fold == "all" else int(args.fold)
+    folder = train(args.work, args.configuration, fold, overrides=overrides, device=args.device,
+                   workers=args.workers, resume=args.resume, pretrained=args.pretrained)
+    print(f"model written to {folder}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.inference import predict_folder
+
+    predict_folder(
+        args.model, args.input, args.output,
+        configuration=args.configuration,
+        folds=args.folds,
+        device=args.device,
+        tta=not args.no_tta,
+        step=args.step,
+        save_probabilities=args.save_probabilities,
+        overwrite=args.overwrite,
+        fast=args.fast,
+        checkpoint=args.checkpoint,
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from autoseg import evaluation
+
+    return evaluation.run(args)
+
+
+def _cmd_find_postprocessing(args: argparse.Namespace) -> int:
+    from autoseg.postprocessing import find_postprocessing
+
+    decision = find_postprocessing(args.work, args.configuration, folds=args.folds)
+    print(decision)
+    return 0
+
+
+def _cmd_describe_network(args: argparse.Namespace) -> int:
+    from autoseg.networks.describe import describe_network
+    from autoseg.plan import load_plan
+
+    plan = load_plan(args.work)
+    names = [args.configuration] if args.configuration else list(plan.configurations)
+    for name in names:
+        configuration = plan.configuration(name)
+        print(f"== {name} ==")
+        print(describe_network(configuration.topology, configuration.patch_size, configuration.batch_size))
+    return 0
+
+
+def _cmd_augment_preview(args: argparse.Namespace) -> int:
+    from autoseg.training.preview import augment_preview
+
+    out = augment_preview(args.work, args.output, configuration=args.configuration,
+                          num_samples=args.num_samples, seed=args.seed, preset=args.preset)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_export_model(args: argparse.Namespace) -> int:
+    from autoseg.inference import export_model
+
+    print(f"wrote {export_model(args.work, args.output, configurations=args.configurations)}")
+    return 0
+
+
+def _cmd_import_model(args: argparse.Namespace) -> int:
+    from autoseg.inference import import_model
+
+    print(f"model imported to {import_model(args.zip, args.dest)}")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from autoseg.benchmark import run_benchmark
+
+    run_benchmark(dataset=args.dataset, example=args.example, device=args.device, output=args.output,
+                  repeats=args.repeats)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``autoseg`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="autoseg",
+        description="Self-configuring medical image segmentation: point it at a labelled dataset "
+                    "and it plans, preprocesses, trains, predicts and evaluates.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _subcommand(sub, "validate", "Check a raw dataset and list every problem, naming each file; writes nothing.",
+                    "autoseg validate data/Dataset001_Liver")
+    p.add_argument("dataset", type=Path, help="raw dataset folder (dataset.json, imagesTr, labelsTr)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="parallel readers")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_validate)
+
+    p = _subcommand(sub, "make-example", "Generate a small, seeded example dataset (ct, mri or 2d).",
+                    "autoseg make-example data/example_ct --kind ct --num-cases 10")
+    p.add_argument("dest", type=Path)
+    p.add_argument("--kind", choices=["ct", "mri", "2d"], default="ct")
+    p.add_argument("--num-cases", type=int, default=None, help="training cases (default per kind)")
+    p.add_argument("--num-test-cases", type=int, default=0, help="held-out cases in imagesTs (+ labelsTs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_make_example)
+
+    p = _subcommand(sub, "convert", "Convert a public dataset (Decathlon, or any datasets_spec/ entry) to the raw layout.",
+                    "autoseg convert msd Task04_Hippocampus data/Hippocampus\n"
+                    "autoseg convert --spec datasets_spec/BraTS2021.json BraTS2021_Training data/BraTS")
+    p.add_argument("paths", nargs="+", help="msd SRC DST, or SRC DST with --spec")
+    p.add_argument("--spec", help="a datasets_spec JSON file or its name")
+    p.set_defaults(handler=_cmd_convert)
+
+    p = _subcommand(sub, "fingerprint", "Compute (or reuse) the dataset fingerprint: spacings, shapes, intensities, classes.",
+                    "autoseg fingerprint data/ct --work work/ct")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--work", type=Path, default=None, help="work folder (default ./autoseg_work/<dataset name>)")
+    p.add_argument("-j", "--jobs", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="recompute even if the dataset did not change")
+    p.set_defaults(handler=_cmd_fingerprint)
+
+    p = _subcommand(sub, "plan", "Fingerprint the dataset and derive the plan (spacing, normalization, network, "
+                                 "patch, batch, schedule) within a GPU-memory budget.",
+                    "autoseg plan data/ct --work work/ct --gpu-memory-gb 8 --explain")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--work", type=Path, default=None, help="work folder (default ./autoseg_work/<dataset name>)")
+    p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory budget for training")
+    p.add_argument("--configurations", nargs="+", default=None, choices=["2d", "3d_fullres", "3d_lowres"])
+    p.add_argument("--arch", default="unet", help="network architecture (see `autoseg describe-network`)")
+    p.add_argument("--preset", default=None, help="residual-encoder preset: resenc-m, resenc-l or resenc-xl")
+    p.add_argument("--ct-priors", action="store_true", help="add Hounsfield-window prior channels for CT")
+    p.add_argument("--time-budget", type=float, default=None, metavar="HOURS",
+                   help="set epochs from a short throughput probe so training fits this many hours")
+    p.add_argument("--device", default="cpu", help="device for --time-budget and --verify (cpu, cuda)")
+    p.add_argument("--explain", action="store_true", help="print every decision with its reason")
+    p.add_argument("--verify", action="store_true", help="run one real training step per configuration (CUDA) "
+                                                         "and compare measured with estimated memory")
+    p.add_argument("-j", "--jobs", type=int, default=None)
+    p.set_defaults(handler=_cmd_plan)
+
+    p = _subcommand(sub, "preprocess", "Crop, resample and normalize every training case per the plan (resumable).",
+                    "autoseg preprocess work/ct -c 3d_fullres -j 4")
+    p.add_argument("work", type=Path)
+    p.add_argument("-c", "--configurations", nargs="+", default=None)
+    p.add_argument("-j", "--jobs", type=int, default=None, help="parallel workers (default: all cores)")
+    p.add_argument("--force", action="store_true", help="redo every case")
+    p.add_argument("--dataset", type=Path, default=None, help="raw dataset folder if it moved since planning")
+    p.set_defaults(handler=_cmd_preprocess)
+
+    p = _subcommand(sub, "train", "Train one fold (or all cases) of a configuration; resumable and extendable.",
+                    "autoseg train work/ct -c 3d_fullres -f 0\n"
+                    "autoseg train work/ct -c 3d_fullres -f 0 --resume --epochs 1500\n"
+                    "torchrun --nproc_per_node 2 -m autoseg.cli train work/ct -c 3d_fullres -f 0")
+    p.add_argument("work", type=Path)
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-f", "--fold", required=True, help="fold number, or 'all' to train on every case")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--iters-per-epoch", type=int, default=None)
+    p.add_argument("--val-iters", type=int, default=None, help="validation iterations per epoch")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate")
+    p.add_argument("--loss", default=None, help="dice_ce, dice, ce, focal, dice_focal")
+    p.add_argument("--augmentation", default=None, help="augmentation preset: default, medical, light, none")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="data loading processes (0: in the main process)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--pretrained", type=Path, default=None, help="fold folder of a model to fine-tune from")
+    p.set_defaults(handler=_cmd_train)
+
+    p = _subcommand(sub, "predict", "Segment a folder of new scans and write results in their own geometry.",
+                    "autoseg predict work/ct -i scans/ -o predictions/ -c 3d_fullres -f 0 1 2 3 4")
+    p.add_argument("model", type=Path, help="work folder or imported model folder")
+    p.add_argument("-i", "--input", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-c", "--configuration", default=None)
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch")
+    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="redo cases already predicted")
+    p.add_argument("--fast", action="store_true", help="one fold, no TTA, step 0.75")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.set_defaults(handler=_cmd_predict)
+
+    p = _subcommand(sub, "evaluate", "Score predictions against references: Dice, IoU, HD95, NSD and more.",
+                    "autoseg evaluate predictions/ data/ct/labelsTs --dataset-json data/ct/dataset.json")
+    _add_evaluate_arguments(p)
+    p.set_defaults(handler=_cmd_evaluate)
+
+    p = _subcommand(sub, "find-postprocessing", "Decide from cross-validation whether keeping the largest "
+                                                "component helps, per class.",
+                    "autoseg find-postprocessing work/ct -c 3d_fullres")
+    p.add_argument("work", type=Path)
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-f", "--folds", nargs="+", default=None)
+    p.set_defaults(handler=_cmd_find_postprocessing)
+
+    p = _subcommand(sub, "describe-network", "Print the network's layer table, parameters and memory estimate.",
+                    "autoseg describe-network work/ct -c 3d_fullres")
+    p.add_argument("work", type=Path)
+    p.add_argument("-c", "--configuration", default=None)
+    p.set_defaults(handler=_cmd_describe_network)
+
+    p = _subcommand(sub, "augment-preview", "Write a PNG grid of augmented training samples.",
+                    "autoseg augment-preview work/ct -c 3d_fullres -o preview.png")
+    p.add_argument("work", type=Path)
+    p.add_argument("-c", "--configuration", default=None)
+    p.add_argument("-o", "--output", type=Path, default=Path("augment_preview.png"))
+    p.add_argument("-n", "--num-samples", type=int, default=8)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_augment_preview)
+
+    p = _subcommand(sub, "export-model", "Pack a trained model (plan, dataset.json, checkpoints, post-processing) "
+                                         "into one zip file.",
+                    "autoseg export-model work/ct -o ct_model.zip")
+    p.add_argument("work", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-c", "--configurations", nargs="+", default=None)
+    p.set_defaults(handler=_cmd_export_model)
+
+    p = _subcommand(sub, "import-model", "Unpack a model zip into a folder usable by `autoseg predict`.",
+                    "autoseg import-model ct_model.zip models/ct")
+    p.add_argument("zip", type=Path)
+    p.add_argument("dest", type=Path)
+    p.set_defaults(handler=_cmd_import_model)
+
+    p = _subcommand(sub, "benchmark", "Measure planning, preprocessing, training and inference speed and memory.",
+                    "autoseg benchmark --example ct -o results.json")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--dataset", type=Path, default=None)
+    source.add_argument("--example", choices=["ct", "mri", "2d"], default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("-o", "--output", type=Path, default=Path("bench_results.json"))
+    p.set_defaults(handler=_cmd_benchmark)
+    return parser
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from autoseg import evaluation
+
+    evaluation.add_arguments(parser)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that carry a user-facing message (printed without a traceback)."""
+    from autoseg.dataset import DatasetError
+    from autoseg.io import ImageReadError
+    from autoseg.plan import PlanError
+
+    errors: list[type[BaseException]] = [CommandError, DatasetError, ImageReadError, PlanError,
+                                         FileNotFoundError]
+    for module, name in (("autoseg.preprocessing", "PreprocessingError"),
+                         ("autoseg.training.data", "DataLoadingError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``autoseg`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
+        return 130
+    except _known_errors() as error:
+        print(f"autoseg {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
