@@ -25,8 +25,8 @@ Geometry tolerances (the reference is channel 0 of the case, or its first readab
 * :data:`SPACING_RTOL` = 1e-4: spacings agree when ``|s - s_ref| <= 1e-4 * |s_ref|`` per axis;
 * :data:`ORIGIN_ATOL_MM` = 1e-3 mm plus :data:`ORIGIN_SPACING_FRACTION` = 1e-4 times the
   reference's largest spacing: origins agree when every coordinate differs by at most that.
-  Headers store origins in float32 (NIfTI), which loses about 1e-4 mm at 1000 mm, hence a floor
-  that grows with the voxel size rather than an exact comparison;
+  The floor covers float32 headers (NIfTI loses about 1e-4 mm at 1000 mm); the spacing term
+  scales it with the voxel size, as scanners round positions more coarsely for coarse scans;
 * :data:`DIRECTION_ATOL` = 1e-4: direction cosines agree entry by entry within 1e-4.
 """
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import struct
 import zlib
 from collections import Counter
@@ -283,7 +284,7 @@ def _visible_names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def _channel_matches(images_dir: Path, ending: str) -> list:
+def _channel_matches(images_dir: Path, ending: str) -> list[re.Match[str]]:
     matches = []
     for name in _visible_names(images_dir):
         if name.lower().endswith(ending.lower()):
