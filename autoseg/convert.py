@@ -219,11 +219,12 @@ def _write_case(case: SourceCase, dst: Path, num_channels: int, ending: str, map
         label_image = None
         if label is not None:
             # Read and check the label before writing anything, so a bad case leaves no files behind.
+            label_name = _name(label, case, case.label_origin)
             label_image = label if isinstance(label, Image) else read_image(label)
             if label_image.array.shape != shapes[0]:
-                raise ConversionError([f"{_name(label, case, case.label_origin)}: label shape {label_image.array.shape} differs "
-                                       f"from the image's {shapes[0]}"])
-            label_image = _prepare_label(label_image, _name(label, case, case.label_origin), mapping, allowed)
+                raise ConversionError([f"{label_name}: label shape {label_image.array.shape} differs from the "
+                                       f"image's {shapes[0]}"])
+            label_image = _prepare_label(label_image, label_name, mapping, allowed)
         for source, out in zip(channels, out_channels):
             _put_channel(source, out)
         if label_image is not None:
