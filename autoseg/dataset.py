@@ -35,6 +35,15 @@ LABELS_TR = "labelsTr"
 IMAGES_TS = "imagesTs"
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
+# Files that belong to an image in another file: detached data of .mhd/.nhdr headers and the
+# spacing sidecar of a TIFF stack. They do not follow the CASE_XXXX<ending> naming.
+COMPANION_ENDINGS: dict[str, tuple[str, ...]] = {
+    ".mhd": (".raw", ".zraw", ".raw.gz"),
+    ".nhdr": (".raw", ".raw.gz"),
+    ".tif": (".json",),
+    ".tiff": (".json",),
+}
+
 
 class DatasetError(Exception):
     """A dataset cannot be used; ``problems`` lists every reason, each naming its file."""
@@ -256,20 +265,28 @@ def _strip_ending(name: str, ending: str) -> str | None:
     return name[: -len(ending)] if name.lower().endswith(ending.lower()) else None
 
 
+def visible_entries(folder: Path, file_ending: str) -> list[Path]:
+    """Entries of ``folder`` that stand for images: no hidden files, no companion data files."""
+    entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
+    extras = COMPANION_ENDINGS.get(file_ending.lower(), ())
+    companions = {stem + extra for e in entries if (stem := _strip_ending(e.name, file_ending)) is not None
+                  for extra in extras}
+    return [e for e in entries if e.name not in companions]
+
+
 def index_cases(images_dir: str | os.PathLike, file_ending: str, num_channels: int,
                 labels_dir: str | os.PathLike | None = None) -> CaseIndex:
     """Group ``CASE_XXXX<ending>`` files into cases and report misnamed, missing and orphan files.
 
-    Hidden files (``.name``, such as an interrupted write's temporary file) are ignored.
+    Hidden files (``.name``, such as an interrupted write's temporary file) and companion files
+    (``.raw`` data of ``.mhd`` headers, ``.json`` spacing of ``.tif`` stacks) are skipped.
     """
     images_dir = Path(images_dir)
     problems: list[str] = []
     channels: dict[str, dict[int, Path]] = {}
     if not images_dir.is_dir():
         return CaseIndex([], [f"{images_dir}: folder is missing"])
-    for entry in sorted(images_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    for entry in visible_entries(images_dir, file_ending):
         stem = _strip_ending(entry.name, file_ending)
         if stem is None:
             problems.append(f"{entry}: does not end in the dataset's file_ending {file_ending!r}")
@@ -291,9 +308,7 @@ def index_cases(images_dir: str | os.PathLike, file_ending: str, num_channels: i
         if not labels_dir.is_dir():
             problems.append(f"{labels_dir}: folder is missing")
         else:
-            for entry in sorted(labels_dir.iterdir()):
-                if entry.name.startswith("."):
-                    continue
+            for entry in visible_entries(labels_dir, file_ending):
                 stem = _strip_ending(entry.name, file_ending)
                 if stem is None:
                     problems.append(f"{entry}: does not end in the dataset's file_ending {file_ending!r}")

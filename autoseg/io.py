@@ -161,6 +161,13 @@ def write_like(array: np.ndarray, reference: Image, path: str | os.PathLike) -> 
 def _read_sitk(path: Path) -> Image:
     import SimpleITK as sitk
 
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        from autoseg.nifti_bytes import nifti_truncation
+
+        # ITK fills the missing voxels of a truncated NIfTI with zeros instead of failing.
+        problem = nifti_truncation(path)
+        if problem:
+            raise ImageReadError(path, f"{problem}; the file is incomplete, copy or export it again")
     itk = sitk.ReadImage(str(path))
     return _from_sitk(itk, path)
 
@@ -284,7 +291,7 @@ def _read_tiff(path: Path) -> Image:
         try:
             spacing = tuple(float(s) for s in json.loads(sidecar.read_text())["spacing"])
         except (ValueError, KeyError, TypeError) as error:
-            raise ImageReadError(sidecar, f"spacing sidecar is not {{\"spacing\": [...]}} ({_short(error)})")
+            raise ImageReadError(sidecar, f"spacing sidecar is not {{\"spacing\": [...]}} ({_short(error)})") from None
         if len(spacing) != array.ndim:
             raise ImageReadError(sidecar, f"spacing {spacing} does not match the {array.ndim}D image")
     return Image(array, spacing)
@@ -293,7 +300,8 @@ def _read_tiff(path: Path) -> Image:
 def _write_tiff(image: Image, tmp: Path, final: Path) -> None:
     import tifffile
 
-    tifffile.imwrite(str(tmp), image.array)
+    # minisblack: a stack of 3 or 4 slices must not be taken for RGB(A) planes.
+    tifffile.imwrite(str(tmp), image.array, photometric="minisblack")
     if any(s != 1.0 for s in image.spacing):
         sidecar = _tiff_sidecar(final)
         tmp_sidecar = sidecar.with_name(".tmp_" + sidecar.name)

@@ -32,17 +32,14 @@ Geometry tolerances (the reference is channel 0 of the case, or its first readab
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
-import struct
-import zlib
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -58,20 +55,13 @@ from autoseg.dataset import (
     parse_dataset_json,
 )
 from autoseg.io import SUPPORTED_ENDINGS, Image, ImageReadError, file_ending, read_image
+from autoseg.nifti_bytes import check_nifti_bytes
 
 SPACING_RTOL = 1e-4
 ORIGIN_ATOL_MM = 1e-3
 ORIGIN_SPACING_FRACTION = 1e-4
 DIRECTION_ATOL = 1e-4
 
-# Files that belong to an image in another file: detached data of .mhd/.nhdr headers and the
-# spacing sidecar of a TIFF stack. They do not follow the CASE_XXXX<ending> naming.
-COMPANION_ENDINGS: dict[str, tuple[str, ...]] = {
-    ".mhd": (".raw", ".zraw", ".raw.gz"),
-    ".nhdr": (".raw", ".raw.gz"),
-    ".tif": (".json",),
-    ".tiff": (".json",),
-}
 
 # Listing every bad value of a 512^3 label map helps nobody; a few examples make the point.
 MAX_LISTED = 10
@@ -139,8 +129,7 @@ def validate_dataset(dataset_dir: str | os.PathLike, n_jobs: int = 1, progress: 
                                                 f"holds {len(found)} case(s)"))
 
     index = index_cases(images_dir, ending, num_channels, labels_dir)
-    problems += _from_texts(index.problems, (images_dir, labels_dir), _companions(images_dir, ending)
-                            | _companions(labels_dir, ending))
+    problems += _from_texts(index.problems, (images_dir, labels_dir))
     if not images_dir.is_dir() and not labels_dir.is_dir():
         # index_cases stops at the missing images folder; the labels folder is just as missing.
         problems.append(Problem(str(labels_dir), "folder is missing"))
@@ -155,7 +144,7 @@ def validate_dataset(dataset_dir: str | os.PathLike, n_jobs: int = 1, progress: 
     test_dir = dataset_dir / IMAGES_TS
     if test_dir.is_dir():
         test_index = index_cases(test_dir, ending, num_channels)
-        problems += _from_texts(test_index.problems, (test_dir,), _companions(test_dir, ending), "warning")
+        problems += _from_texts(test_index.problems, (test_dir,), "warning")
     return problems
 
 
@@ -299,19 +288,7 @@ def _case_ids(images_dir: Path, ending: str) -> set[str]:
     return {m["case"] for m in _channel_matches(images_dir, ending)}
 
 
-def _companions(folder: Path, ending: str) -> set[str]:
-    """Paths of files that belong to an image header in ``folder`` (e.g. ``CASE_0000.raw``)."""
-    extras = COMPANION_ENDINGS.get(ending.lower(), ())
-    companions: set[str] = set()
-    for name in _visible_names(folder):
-        if name.lower().endswith(ending.lower()):
-            stem = name[: -len(ending)]
-            companions.update(str(folder / (stem + extra)) for extra in extras)
-    return companions
-
-
-def _from_texts(texts: Iterable[str], roots: Sequence[Path], skip: Collection[str] = (),
-                severity: Severity = "error") -> list[Problem]:
+def _from_texts(texts: Iterable[str], roots: Sequence[Path], severity: Severity = "error") -> list[Problem]:
     """Turn ``"PATH: message"`` strings from :mod:`autoseg.dataset` into problems.
 
     The path is split off after the known root it starts with, so a colon inside a folder name
@@ -327,8 +304,7 @@ def _from_texts(texts: Iterable[str], roots: Sequence[Path], skip: Collection[st
         if cut < 0:
             cut = text.find(": ")
         path, message = (text[:cut], text[cut + 2:]) if cut >= 0 else ("", text)
-        if path not in skip:
-            problems.append(Problem(path, message, severity))
+        problems.append(Problem(path, message, severity))
     return problems
 
 
@@ -346,131 +322,6 @@ def _read(path: Path) -> tuple[Image | None, list[Problem]]:
     check = check_nifti_bytes(path)
     problems = [Problem(str(path), m) for m in check.problems]
     return (None if check.truncated else image), problems
-
-
-@dataclass(frozen=True)
-class NiftiByteCheck:
-    """What the raw bytes of a NIfTI file hold that ITK does not tell."""
-
-    truncated: bool
-    problems: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _NiftiHeader:
-    byte_order: str
-    datatype: int
-    bitpix: int
-    vox_offset: int
-    voxels: int
-
-    @property
-    def expected_size(self) -> int:
-        return self.vox_offset + self.voxels * self.bitpix // 8
-
-
-# NIfTI datatype codes of floating-point voxels, the only ones that can hold NaN or Inf.
-_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
-_CHUNK_BYTES = 1 << 23
-
-
-def check_nifti_bytes(path: str | os.PathLike) -> NiftiByteCheck:
-    """Check what ITK hides when it reads a NIfTI file: missing voxel bytes and NaN/Inf values.
-
-    ITK reads a truncated ``.nii``/``.nii.gz`` without an error and fills the missing voxels with
-    zeros, and its NIfTI reader silently turns NaN and Inf into 0, so both are checked on the
-    raw bytes. Integer files are checked by size only, which for ``.nii.gz`` is the gzip trailer's
-    size field (four bytes, no decompression); float files, or a trailer that disagrees (a truncated
-    file, or an unusual but valid multi-member stream), are decompressed once in chunks.
-    """
-    path = Path(path)
-    compressed = path.name.lower().endswith(".gz")
-
-    def open_() -> BinaryIO:
-        return gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[return-value]
-
-    try:
-        with open_() as f:
-            header = _parse_nifti_header(f.read(540))
-    except (OSError, EOFError, zlib.error) as error:
-        return NiftiByteCheck(True, (f"cannot be read ({error}); is it truncated or corrupt?",))
-    if header is None:
-        return NiftiByteCheck(False, ())  # not a NIfTI-1/2 header we can parse; ITK read it, trust it
-    float_type = _NIFTI_FLOAT_TYPES.get(header.datatype)
-    expected = header.expected_size
-
-    if float_type is None and not compressed:
-        actual, n_nan, n_inf = path.stat().st_size, 0, 0
-    elif float_type is None and _gzip_trailer_size(path) == expected % 2**32:
-        return NiftiByteCheck(False, ())
-    else:
-        dtype = np.dtype(header.byte_order + float_type) if float_type else None
-        try:
-            with open_() as f:
-                actual, n_nan, n_inf = _scan_voxels(f, header, dtype)
-        except (OSError, EOFError, zlib.error) as error:
-            return NiftiByteCheck(True, (f"the compressed data ends early or is corrupt ({error}); "
-                                         "the file is truncated",))
-    problems = []
-    if actual < expected:
-        problems.append(f"truncated: {actual} bytes where the header promises {expected} "
-                        "(ITK would fill the missing voxels with zeros)")
-    if n_nan or n_inf:
-        problems.append(f"{n_nan} NaN and {n_inf} infinite voxel value(s), which ITK reads as 0; "
-                        "replace them with finite numbers")
-    return NiftiByteCheck(actual < expected, tuple(problems))
-
-
-def _parse_nifti_header(raw: bytes) -> _NiftiHeader | None:
-    """The fields that fix the voxel data's size and type, from a NIfTI-1 or NIfTI-2 header."""
-    for order in "<>":
-        if len(raw) >= 348 and struct.unpack(order + "i", raw[:4])[0] == 348:
-            datatype, bitpix = struct.unpack(order + "2h", raw[70:74])
-            dims = struct.unpack(order + "8h", raw[40:56])
-            offset = int(struct.unpack(order + "f", raw[108:112])[0])
-            break
-        if len(raw) >= 540 and struct.unpack(order + "i", raw[:4])[0] == 540:
-            datatype, bitpix = struct.unpack(order + "2h", raw[12:16])
-            dims = struct.unpack(order + "8q", raw[16:80])
-            offset = struct.unpack(order + "q", raw[168:176])[0]
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0 or offset < 0:
-        return None
-    voxels = int(np.prod([max(int(d), 1) for d in dims[1: dims[0] + 1]]))
-    return _NiftiHeader(order, datatype, bitpix, int(offset), voxels)
-
-
-def _gzip_trailer_size(path: Path) -> int:
-    """The uncompressed size modulo 2**32 that a single-member gzip file records in its last bytes."""
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        return struct.unpack("<I", f.read(4))[0]
-
-
-def _scan_voxels(f: BinaryIO, header: _NiftiHeader, dtype: np.dtype | None) -> tuple[int, int, int]:
-    """Read a whole file in chunks: its size, and the NaN and Inf counts among the voxels of ``dtype``."""
-    total = n_nan = n_inf = 0
-    to_skip = header.vox_offset
-    to_scan = header.voxels * dtype.itemsize if dtype is not None else 0
-    pending = b""  # bytes of a voxel split across two chunks
-    while chunk := f.read(_CHUNK_BYTES):
-        total += len(chunk)
-        skipped = min(to_skip, len(chunk))
-        to_skip -= skipped
-        take = chunk[skipped: skipped + to_scan]
-        to_scan -= len(take)
-        if not take:
-            continue
-        data = pending + take
-        usable = len(data) - len(data) % dtype.itemsize  # type: ignore[union-attr]
-        values = np.frombuffer(data[:usable], dtype=dtype)
-        pending = data[usable:]
-        nan = int(np.count_nonzero(np.isnan(values)))
-        n_nan += nan
-        n_inf += values.size - int(np.count_nonzero(np.isfinite(values))) - nan
-    return total, n_nan, n_inf
 
 
 def _fmt(values: Sequence[float]) -> str:

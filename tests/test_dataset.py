@@ -229,9 +229,6 @@ def test_training_cases(make_dataset):
         training_cases(root)
 
 
-@pytest.mark.xfail(strict=True, reason="index_cases reports the .raw data file of a .mhd/.nhdr image (and a "
-                                       ".tif stack's .json spacing sidecar) as misnamed, so training_cases "
-                                       "refuses these formats; autoseg.validate works around it")
 @pytest.mark.parametrize("ending", [".mhd", ".tif"])
 def test_training_cases_accepts_formats_with_companion_files(make_dataset, ending):
     root = make_dataset(ending=ending, num_cases=2)
