@@ -512,3 +512,27 @@ def test_preview_from_preprocessed_cases(tmp_path, config_name):
     _finite_png(out)
     with pytest.raises(FileNotFoundError, match="case_9"):
         augment_preview(work, tmp_path / "other.png", num_samples=1, case="case_9")
+
+
+def test_prior_channels_move_with_the_image_but_keep_their_values():
+    """CT prior channels (beyond the normalized ones) get the geometric ops only."""
+    from autoseg.plan import IntensityWindow
+
+    topology = Topology("unet", 3, 2, 3, (8,), ((3, 3, 3),), ((1, 1, 1),), (2,), ())
+    configuration = Configuration("3d_fullres", (1.0, 1.0, 1.0), (8, 16, 16), 2, (8, 16, 16), (CT,), topology,
+                                  schedule=Schedule(mirror_axes=(0, 1, 2)),
+                                  ct_priors=(IntensityWindow("bone", 300.0),))
+    augmentation = build_augmentation(configuration, "medical", {**ALL_ON, **SPATIAL_OFF})
+    rng = np.random.default_rng(15)
+    data = rng.standard_normal((3, 2, 8, 16, 16)).astype(np.float32)
+    seg = np.zeros((3, 1, 8, 16, 16), dtype=np.int16)
+    out, _, params = augmentation(data, seg, rng)
+    for b, p in enumerate(params):
+        expected = data[b]
+        for op in p["ops"]:
+            if op["op"] == "mirror":
+                expected = np.flip(expected, [1 + a for a in op["axes"]])
+            elif op["op"] == "rot90":
+                expected = np.rot90(expected, op["k"], axes=(-2, -1))
+        np.testing.assert_array_equal(out[b, 1], expected[1])
+        assert not np.allclose(out[b, 0], expected[0])
