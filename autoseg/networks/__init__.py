@@ -24,23 +24,30 @@ Options read from ``topology.options`` (all optional): ``norm``, ``activation`` 
 
 from __future__ import annotations
 
-from autoseg.networks import unet as _unet  # noqa: F401  (registers "unet")
+# importing the architecture modules registers them
+from autoseg.networks import attention_unet, resenc, unet, unetpp, vnet  # noqa: F401
 from autoseg.networks.build import build_network, resolve_topology
+from autoseg.networks.describe import count_parameters, describe_network
 from autoseg.networks.memory import MemoryEstimate, estimate_training_memory
 from autoseg.networks.registry import available_networks, get_builder, register_network
+from autoseg.networks.resenc import RESENC_PRESETS, resenc_topology
 from autoseg.networks.sizes import check_input_size, cumulative_strides, valid_input_size
 from autoseg.networks.unet import classic_unet_2d_topology
 
 __all__ = [
+    "RESENC_PRESETS",
     "MemoryEstimate",
     "available_networks",
     "build_network",
     "check_input_size",
+    "count_parameters",
     "classic_unet_2d_topology",
     "cumulative_strides",
+    "describe_network",
     "estimate_training_memory",
     "get_builder",
     "register_network",
+    "resenc_topology",
     "resolve_topology",
     "valid_input_size",
 ]

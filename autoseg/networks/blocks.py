@@ -73,16 +73,20 @@ def layer_options(topology: Topology, default_activation: str = "leakyrelu") -> 
 class ConvNormAct(nn.Sequential):
     """Convolution, normalization, non-linearity (``activation=None``: no non-linearity).
 
+    Padding defaults to "same" (``k // 2``); pass ``padding=0`` for a kernel that equals its stride.
+
     The convolution has no bias when a normalization follows: the norm subtracts the mean, so a
     bias would be a parameter that never receives a gradient.
     """
 
     def __init__(self, dim: int, in_channels: int, out_channels: int, kernel: Sequence[int],
-                 stride: Sequence[int] | int = 1, norm: str = "instance", activation: str | None = "leakyrelu"):
+                 stride: Sequence[int] | int = 1, norm: str = "instance", activation: str | None = "leakyrelu",
+                 padding: Sequence[int] | int | None = None):
         kernel = tuple(kernel)
         stride = (stride,) * dim if isinstance(stride, int) else tuple(stride)
+        padding = same_padding(kernel) if padding is None else padding
         layers: list[nn.Module] = [conv_class(dim)(in_channels, out_channels, kernel, stride=stride,
-                                                   padding=same_padding(kernel), bias=norm == "none")]
+                                                   padding=padding, bias=norm == "none")]
         if norm != "none":
             layers.append(make_norm(dim, out_channels, norm))
         if activation is not None:
