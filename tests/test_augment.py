@@ -463,6 +463,8 @@ def test_bad_inputs_name_the_problem():
         augmentation(np.zeros((1, 2, *shape[1:]), np.float32), np.zeros((1, 1, *shape[1:]), np.int16), rng)
     with pytest.raises(ValueError, match="seg must have shape"):
         augmentation(np.zeros((1, 2, *shape), np.float32), np.zeros((1, 2, *shape), np.int16), rng)
+    with pytest.raises(ValueError, match="data has 1 channel"):
+        augmentation(np.zeros((1, 1, *shape), np.float32), np.zeros((1, 1, *shape), np.int16), rng)
     with pytest.raises(ValueError, match="at least the patch size"):
         augmentation(np.zeros((1, 2, 4, 4, 4), np.float32), np.zeros((1, 1, 4, 4, 4), np.int16), rng)
     params = augmentation.sample(rng, shape, 1)

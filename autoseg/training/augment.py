@@ -448,6 +448,9 @@ class Augmentation:
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         """Sample parameters for the batch and apply them: ``(data, seg, params)``."""
         data, seg = _check_batch(data, seg, self.dim)
+        if data.shape[1] < len(self.normalization):
+            raise ValueError(f"data has {data.shape[1]} channel(s), the configuration normalizes "
+                             f"{len(self.normalization)}")
         params = self.sample(rng, data.shape[2:], data.shape[0])
         out_data, out_seg = replay(data, seg, params)
         return out_data, out_seg, params
