@@ -367,8 +367,9 @@ def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["labe
         fill: value outside the crop box. Default: label 0; probabilities background (channel 0)
             1 and others 0, as for softmax outputs. Give 0 for region (sigmoid) outputs, or one
             value per channel.
-        order: interpolation order; default nearest (0) for labels (use 1 for per-class linear)
-            and linear (1) for probabilities.
+        order: interpolation order; default for labels the plan's ``label_order`` (per-class
+            linear: the forward path mirrored, which restores upsampled cases exactly; 0 is a plain
+            nearest-neighbour lookup), for probabilities linear (1).
         device: torch device for the resampling.
     """
     shape_resampled = tuple(properties["shape_after_resampling"])
@@ -389,8 +390,8 @@ def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["labe
             raise ValueError(f"case {properties['case_id']}: a label must be integers, got {array.dtype}")
         if array.size and array.min() < 0:
             array = np.maximum(array, 0)
-        restored = resample_label(array, spacing_from, spacing_to, order=0 if order is None else order,
-                                  **common)
+        order = options["label_order"] if order is None else order
+        restored = resample_label(array, spacing_from, spacing_to, order=order, **common)
         full = np.full(full_shape, 0 if fill is None else fill, dtype=restored.dtype)
         full[crop] = restored
     elif kind == "probabilities":
