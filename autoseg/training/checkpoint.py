@@ -1,0 +1,85 @@
+"""Checkpoints: plain dicts of tensors and Python values, written atomically, read with ``weights_only``.
+
+A checkpoint holds everything a resumed run needs to continue as if it had never stopped: the
+network, optimizer and gradient-scaler states, the position (``epoch`` and ``iteration``), the
+running statistics of a half-finished epoch, the EMA used to pick the best model, the training
+log so far, the random states and the effective schedule. The data loader needs no state: its
+batches are a function of (seed, batch index) (see :mod:`autoseg.training.data`).
+
+Nothing is pickled beyond what ``torch.load(weights_only=True)`` accepts: tensors, numbers,
+strings, None, lists, tuples and dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.utils import atomic_write
+
+CHECKPOINT_LATEST = "checkpoint_latest.pt"
+CHECKPOINT_BEST = "checkpoint_best.pt"
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or not an autoseg checkpoint."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (a crash leaves the previous checkpoint intact)."""
+    return atomic_write(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or "network" not in state:
+        raise CheckpointError(f"{path}: not an autoseg checkpoint (no 'network' entry)")
+    if state.get("format", CHECKPOINT_FORMAT) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state['format']} is newer than this autoseg "
+                              f"reads ({CHECKPOINT_FORMAT})")
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Global random states of torch, CUDA, numpy and Python as tensors and plain values."""
+    numpy_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _to_plain(random.getstate()),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng_state` (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(_to_tuple(state["python"]))
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def _to_plain(value: Any) -> Any:
+    return [_to_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuple(value: Any) -> Any:
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
