@@ -82,6 +82,7 @@ from autoseg.plan import (
 from autoseg.resampling import (
     compute_new_shape,
     find_slow_axis,
+    label_values,
     resample_image,
     resample_label,
     resample_probabilities,
@@ -94,6 +95,7 @@ PRIOR_EDGE_HU = 20.0
 MANIFEST = "manifest.json"
 SEG_SUFFIX = "_seg"
 _NORM_EPS = 1e-8
+_CHUNK = 1 << 22  # voxels per chunk when scanning a whole volume
 
 
 class PreprocessingError(Exception):
@@ -178,16 +180,37 @@ def ct_prior_channels(hu: np.ndarray, windows: Sequence[IntensityWindow],
     """
     if out is None:
         out = np.empty((len(windows), *hu.shape), dtype=np.float32)
-    scale = PRIOR_EDGE_HU / 4.0  # logistic(+-2) = 0.88 / 0.12
-    for k, window in enumerate(windows):
-        channel = out[k]
-        np.subtract(hu, window.low, out=channel)
-        channel /= scale
-        expit(channel, out=channel)
-        if window.high is not None:
-            upper = (window.high - hu) / np.float32(scale)
-            channel *= expit(upper.astype(np.float32, copy=False))
+    scale = np.float32(PRIOR_EDGE_HU / 4.0)  # logistic(+-2) = 0.88 / 0.12
+    step = max(1, _CHUNK // max(1, hu[0].size)) if hu.ndim > 1 else hu.shape[0]
+    for start in range(0, hu.shape[0], step):  # slabs: temporaries stay small
+        values = hu[start: start + step]
+        for k, window in enumerate(windows):
+            channel = out[k, start: start + step]
+            np.subtract(values, np.float32(window.low), out=channel)
+            channel /= scale
+            expit(channel, out=channel)
+            if window.high is not None:
+                upper = np.float32(window.high) - values.astype(np.float32, copy=False)
+                upper /= scale
+                channel *= expit(upper, out=upper)
     return out
+
+
+def _mean_std(channel: np.ndarray, mask: np.ndarray | None) -> tuple[float, float, int]:
+    """Mean, standard deviation and count (float64, two passes over slabs: no full-size temporaries)."""
+    step = max(1, _CHUNK // max(1, channel[0].size))
+    slabs = range(0, channel.shape[0], step)
+
+    def values(start: int) -> np.ndarray:
+        slab = channel[start: start + step]
+        return slab[mask[start: start + step]] if mask is not None else slab.ravel()
+
+    count = sum(int(values(start).size) for start in slabs)
+    if count == 0:
+        return 0.0, 0.0, 0
+    mean = sum(float(values(start).sum(dtype=np.float64)) for start in slabs) / count
+    square = sum(float(np.square(values(start).astype(np.float64) - mean).sum()) for start in slabs)
+    return mean, (square / count) ** 0.5, count
 
 
 def normalize_channel(channel: np.ndarray, scheme: ChannelNormalization,
@@ -199,13 +222,10 @@ def normalize_channel(channel: np.ndarray, scheme: ChannelNormalization,
         channel /= np.float32(max(scheme.std, _NORM_EPS))  # type: ignore[type-var]
     elif scheme.scheme == "zscore":
         inside = mask if (scheme.use_nonzero_mask and mask is not None) else None
-        values = channel[inside] if inside is not None else channel
-        if values.size == 0:
+        mean, std, count = _mean_std(channel, inside)
+        if count == 0:
             channel[...] = 0
             return channel
-        mean = float(values.mean(dtype=np.float64))
-        std = float(values.std(dtype=np.float64))
-        del values
         channel -= np.float32(mean)
         channel /= np.float32(max(std, _NORM_EPS))
         if inside is not None:
@@ -221,19 +241,31 @@ def class_locations(seg: np.ndarray, exclude: Iterable[int] = (), max_per_class:
                     seed: int = 0) -> dict[str, list[list[int]]]:
     """Up to ``max_per_class`` voxel coordinates per foreground value (> 0), sampled uniformly.
 
-    Keys are label values as strings; coordinates ``[z, y, x]`` are sorted in memory order.
+    Keys are label values as strings; coordinates ``[z, y, x]`` are in memory order. The volume is
+    scanned in chunks, so memory stays O(chunk + max_per_class) even for a class of millions of
+    voxels.
     """
     rng = np.random.default_rng(seed)
-    skip = set(int(v) for v in exclude)
-    counts = np.bincount(np.clip(seg, 0, None).ravel().astype(np.int64, copy=False))
+    skip = {int(v) for v in exclude}
+    flat = seg.reshape(-1)
+    values, counts = label_values(seg)
     locations: dict[str, list[list[int]]] = {}
-    for value in np.flatnonzero(counts):
-        if value == 0 or int(value) in skip:
+    for value, count in zip(values.tolist(), counts.tolist()):
+        if value <= 0 or value in skip:
             continue
-        flat = np.flatnonzero(seg == value)
-        if flat.size > max_per_class:
-            flat = np.sort(flat[rng.choice(flat.size, max_per_class, replace=False)])
-        locations[str(int(value))] = np.stack(np.unravel_index(flat, seg.shape), 1).tolist()
+        # Ranks (in memory order) of the voxels to keep: all of them, or a uniform sample.
+        ranks = None if count <= max_per_class else np.sort(rng.choice(count, max_per_class, replace=False))
+        picked, seen = [], 0
+        for start in range(0, flat.size, _CHUNK):
+            hits = np.flatnonzero(flat[start: start + _CHUNK] == value)
+            if ranks is None:
+                picked.append(hits + start)
+            else:
+                low, high = np.searchsorted(ranks, [seen, seen + hits.size])
+                picked.append(hits[ranks[low:high] - seen] + start)
+            seen += hits.size
+        coordinates = np.unravel_index(np.concatenate(picked), seg.shape)
+        locations[str(value)] = np.stack(coordinates, 1).tolist()
     return locations
 
 

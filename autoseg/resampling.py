@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 _CUBIC_A = -0.75  # torch's (and OpenCV's) cubic convolution parameter
-_SLAB_ELEMENTS = 1 << 23  # ~32 MB of float32 per output slab when chunk_slices is not given
+_SLAB_ELEMENTS = 1 << 21  # ~8 MB of float32 per output slab when chunk_slices is not given
 _INPLANE_MODES = {0: "nearest-exact", 1: "bilinear", 2: "bicubic", 3: "bicubic"}
 
 Device = str | torch.device
@@ -292,7 +292,7 @@ def resample_image(array: np.ndarray, current_spacing: Sequence[float],
             from the spacings and ``anisotropy_threshold`` (module docstring).
         device: torch device for the arithmetic (the result is always a numpy array).
         chunk_slices: output slices per slab along the streaming axis (bounds the extra memory);
-            default: about 32 MB per slab.
+            default: about 8 MB (float32) per slab.
         out: optional preallocated float32 result (e.g. a channel range of a larger array).
         slow_axis: force this axis to be the separate slow axis (e.g. to undo a resampling exactly
             as it was done); overrides ``separate_slow_axis``.
@@ -322,16 +322,23 @@ def resample_probabilities(probabilities: np.ndarray, current_spacing: Sequence[
 
 
 def label_values(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The values present in an integer label map and their voxel counts (bincount when compact)."""
+    """The values present in an integer label map and their voxel counts.
+
+    Counted in chunks when the value range is compact (``np.bincount`` would otherwise make an
+    int64 copy of the whole volume).
+    """
     if label.size == 0:
         return np.zeros(0, dtype=label.dtype), np.zeros(0, dtype=np.int64)
     low, high = int(label.min()), int(label.max())
-    if high - low < 1 << 20:
-        counts = np.bincount((label.ravel() - low).astype(np.int64, copy=False), minlength=high - low + 1)
-        present = np.flatnonzero(counts)
-        return (present + low).astype(label.dtype), counts[present]
-    values, counts = np.unique(label, return_counts=True)
-    return values, counts
+    if high - low >= 1 << 20:
+        return np.unique(label, return_counts=True)
+    counts = np.zeros(high - low + 1, dtype=np.int64)
+    flat = label.reshape(-1)
+    for start in range(0, flat.size, _SLAB_ELEMENTS):
+        chunk = flat[start: start + _SLAB_ELEMENTS].astype(np.int64) - low
+        counts += np.bincount(chunk, minlength=counts.size)
+    present = np.flatnonzero(counts)
+    return (present + low).astype(label.dtype), counts[present]
 
 
 def _nearest_label(label: np.ndarray, new_shape: tuple[int, int, int]) -> np.ndarray:
@@ -394,37 +401,55 @@ def resample_label(label: np.ndarray, current_spacing: Sequence[float],
     # The most frequent class is implicit: its probability is 1 - sum(others), since weights sum to 1.
     implicit = int(values[np.argmax(counts)])
     explicit = [int(v) for v in values if v != implicit]
-    all_values = torch.tensor(explicit + [implicit], dtype=torch.int64, device=torch_device)
+    value_dtype = torch.from_numpy(np.zeros(1, dtype=label.dtype)).dtype
     streams = [_stream(lambda a, b, v=v: moved[a:b] == v, label.shape, scheme, torch_device, chunk_slices)
                for v in explicit]
-    found = torch.zeros(len(explicit) + 1, dtype=torch.int64, device=torch_device)
-    best_prob = np.full(len(explicit) + 1, -np.inf)
-    best_at = [(0, 0)] * (len(explicit) + 1)  # (slab start, flat index in slab)
-    for slabs in zip(*streams):
-        z0, z1 = slabs[0][0], slabs[0][1]
-        best = total = index = None
-        for k, (_, _, prob) in enumerate(slabs):
+    classes = explicit + [implicit]
+    best_prob = np.full(len(classes), -np.inf)
+    best_at = [(0, 0)] * len(classes)  # (slab start, flat index in slab)
+    for class_slabs in _lockstep(streams):
+        # One class slab at a time, so the extra memory is a few slabs whatever the number of classes.
+        for k, (start, stop, prob) in enumerate(class_slabs):
             if k == 0:
+                z0, z1 = start, stop
                 best, total = prob.clone(), prob.clone()
-                index = torch.zeros(prob.shape, dtype=torch.int64, device=torch_device)
+                values = torch.full(prob.shape, classes[0], dtype=value_dtype, device=torch_device)
             else:
                 better = prob >= best  # ascending values: a tie goes to the larger one
-                best = torch.where(better, prob, best)
-                index[better] = k
+                values[better] = classes[k]
+                torch.maximum(best, prob, out=best)
                 total += prob
+                del better
             _track_max(prob, k, z0, best_prob, best_at)
-        rest = 1.0 - total
+            del prob
+        rest = total.neg_().add_(1.0)
         _track_max(rest, len(explicit), z0, best_prob, best_at)
-        implicit_wins = (rest > best) | ((rest == best) & (all_values[index] < implicit))
-        index[implicit_wins] = len(explicit)
-        found += torch.bincount(index.flatten(), minlength=len(explicit) + 1)
-        out_moved[z0:z1] = all_values[index].cpu().numpy().astype(label.dtype, copy=False)
+        values[(rest > best) | ((rest == best) & (values < implicit))] = implicit
+        out_moved[z0:z1] = values.cpu().numpy()
+        del best, rest, values
     if keep_classes:
-        for k in np.flatnonzero(found.cpu().numpy() == 0):
-            z0, flat = best_at[k]
-            z, a, b = np.unravel_index(flat, out_moved.shape)  # slabs share the in-plane shape
-            out_moved[z0 + z, a, b] = all_values[k].item()
+        present = set(label_values(out)[0].tolist())
+        for k, value in enumerate(classes):
+            if value not in present:
+                z0, flat = best_at[k]
+                z, a, b = np.unravel_index(flat, out_moved.shape)  # slabs share the in-plane shape
+                out_moved[z0 + z, a, b] = value
     return out
+
+
+def _lockstep(streams: list[Iterator]) -> Iterator[Iterator]:
+    """Per output slab, an iterator over the classes' slabs, pulled one at a time."""
+    while True:
+        first = next(streams[0], None)
+        if first is None:
+            return
+
+        def one_slab(first: tuple = first) -> Iterator:
+            yield first
+            for stream in streams[1:]:
+                yield next(stream)
+
+        yield one_slab()
 
 
 def _track_max(prob: torch.Tensor, k: int, z0: int, best_prob: np.ndarray, best_at: list) -> None:

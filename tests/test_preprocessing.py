@@ -229,6 +229,28 @@ def test_class_locations_are_bounded_seeded_and_exact():
     assert locations["1"] != class_locations(seg, exclude=[9], max_per_class=50, seed=4)["1"]
 
 
+def test_chunked_volume_scans_give_the_same_results(monkeypatch):
+    import autoseg.preprocessing as preprocessing
+    import autoseg.resampling as resampling
+
+    rng = np.random.default_rng(5)
+    seg = rng.integers(-1, 4, (9, 11, 13)).astype(np.int16)
+    values = rng.normal(300, 500, (9, 11, 13)).astype(np.float32)
+    zscore = ChannelNormalization("MR", "zscore", use_nonzero_mask=True)
+
+    def run():
+        return (class_locations(seg, max_per_class=40, seed=1), normalize_channel(values.copy(), zscore, seg >= 0),
+                ct_prior_channels(values, PRIORS))
+
+    whole = run()
+    monkeypatch.setattr(preprocessing, "_CHUNK", 7)
+    monkeypatch.setattr(resampling, "_SLAB_ELEMENTS", 5)
+    chunked = run()
+    assert chunked[0] == whole[0]
+    np.testing.assert_allclose(chunked[1], whole[1], atol=1e-6)
+    np.testing.assert_array_equal(chunked[2], whole[2])
+
+
 def test_ct_case_clip_zscore_priors_and_seg_marker():
     image, label = blob_case()
     plan = make_plan(make_config((1.0, 1.0, 1.0), ct_priors=PRIORS))  # own spacing: no resampling
