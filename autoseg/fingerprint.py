@@ -3,7 +3,9 @@
 ``autoseg fingerprint DATASET`` (also run by ``autoseg plan`` when the fingerprint is missing or stale)
 reads every training case once and records
 
-* per case: spacing, shape, the shape after cropping to the non-zero region of all channels (the
+* per case, in the canonical orientation preprocessing uses (:mod:`autoseg.orientation`: axis
+  permutation and flips only, so LPS- and RAS-stored scans count alike): spacing, shape, the shape
+  after cropping to the non-zero region of all channels (the
   bounding box of ``any(channel != 0)`` with holes filled, as nnU-Net crops), its relative size,
   voxel counts per label value, and per channel statistics of the foreground intensities (voxels
   whose label is > 0, the ``ignore`` label excluded) and of the whole image (min, max, share of
@@ -59,6 +61,7 @@ from autoseg.dataset import (
     load_dataset_json,
     training_cases,
 )
+from autoseg.orientation import canonical_spacing, canonical_transform, to_canonical
 from autoseg.utils import atomic_write_json, read_json, sha256_of_json
 
 FINGERPRINT_VERSION = 1
@@ -316,9 +319,13 @@ def analyze_case(case: CaseFiles, num_samples: int, seed: int = SEED,
     seeded per case, so the fingerprint does not depend on the number of worker processes.
     """
     data = load_case(case)
-    image, label = data.image, data.label
-    if label is None:
+    if data.label is None:
         raise FingerprintError(f"{case.images[0]}: training case {case.case_id} has no label")
+    # preprocessing brings every case to the canonical orientation before cropping and resampling,
+    # so spacings and shapes must be counted in that orientation for the planner's per-axis medians
+    transform = canonical_transform(data.reference.direction)
+    image, label = to_canonical(data.image, transform), to_canonical(data.label, transform)
+    spacing = canonical_spacing(data.spacing, transform)
     bbox = nonzero_bbox(image)
     cropped_image = image[(slice(None), *bbox)]
     cropped_label = label[bbox]
@@ -342,7 +349,7 @@ def analyze_case(case: CaseFiles, num_samples: int, seed: int = SEED,
     shape_after_crop = tuple(int(s) for s in cropped_image.shape[1:])
     fingerprint = CaseFingerprint(
         case_id=case.case_id,
-        spacing=data.spacing,
+        spacing=spacing,
         shape=shape,
         shape_after_crop=shape_after_crop,
         relative_size_after_crop=math.prod(shape_after_crop) / math.prod(shape),

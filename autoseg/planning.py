@@ -70,6 +70,7 @@ Every decision is recorded with the numbers it came from; :func:`explain_plan` p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -151,9 +152,9 @@ _RESENC_DECODER = (1,) * 13
 # nnU-Net's residual-encoder presets (nnUNetPlannerResEncM/L/XL): sized for 8, 24 and 40 GB, and
 # without the 5 % batch cap (their batch is limited by memory only)
 PRESETS = {
-    "resenc-m": Preset("resenc_unet", 8.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
-    "resenc-l": Preset("resenc_unet", 24.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
-    "resenc-xl": Preset("resenc_unet", 40.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
+    "resenc-m": Preset("resenc", 8.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
+    "resenc-l": Preset("resenc", 24.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
+    "resenc-xl": Preset("resenc", 40.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
 }
 DEFAULT_BLOCKS = ((2,) * 14, (2,) * 13)
 
@@ -363,7 +364,7 @@ def _axes_by_excess(patch: Sequence[int], median_shape: Sequence[float]) -> list
 def fit_patch_and_batch(spacing: Sequence[float], median_shape: Sequence[float], cost: CostFunction,
                         budget: float, dataset_voxels: float, *, linear_batch: bool = True,
                         min_batch: int = MIN_BATCH, max_dataset_fraction: float = MAX_DATASET_FRACTION,
-                        min_edge: int = MIN_EDGE) -> PatchFit:
+                        min_edge: int = MIN_EDGE, min_stages: int = 2) -> PatchFit:
     """Shrink the patch until a batch of ``min_batch`` fits ``budget``, then size the batch.
 
     Args:
@@ -375,6 +376,8 @@ def fit_patch_and_batch(spacing: Sequence[float], median_shape: Sequence[float],
             ``round(budget / cost(props, 1))``. Otherwise the cost is affine in the batch (fixed
             parameter and optimizer memory plus activations per sample) and the batch is the largest
             that fits.
+        min_stages: a reduction that would leave fewer stages is not taken (an encoder-decoder
+            needs two); when no axis can shrink, :class:`PlanError` asks for more memory.
     """
     dim = len(spacing)
     if len(median_shape) != dim:
@@ -382,6 +385,16 @@ def fit_patch_and_batch(spacing: Sequence[float], median_shape: Sequence[float],
     start = initial_patch_size(spacing, median_shape, dim)
     props = pool_and_conv_props(spacing, start, min_edge)
     estimate = cost(props, min_batch)
+
+    def too_small(estimate: float, patch: Sequence[int]) -> PlanError:
+        return PlanError(f"even a patch of {'x'.join(map(str, patch))} needs an estimated {estimate:.4g} for a batch "
+                         f"of {min_batch}, more than the budget {budget:.4g}; raise --gpu-memory-gb")
+
+    if estimate > budget:
+        # fail fast when not even the smallest encoder-decoder (two stages) fits
+        smallest = pool_and_conv_props(spacing, [2 * min_edge] * dim, min_edge)
+        if smallest.num_stages >= min_stages and cost(smallest, min_batch) > budget:
+            raise too_small(cost(smallest, min_batch), smallest.patch_size)
     reductions = 0
     while estimate > budget:
         patch = list(props.patch_size)
@@ -389,12 +402,12 @@ def fit_patch_and_batch(spacing: Sequence[float], median_shape: Sequence[float],
             trial = list(patch)
             trial[axis] -= props.divisible_by[axis]
             step = pool_and_conv_props(spacing, trial, min_edge).divisible_by[axis]
-            if patch[axis] - step >= 1:
-                patch[axis] -= step
+            trial[axis] = patch[axis] - step
+            if trial[axis] >= 1 and pool_and_conv_props(spacing, trial, min_edge).num_stages >= min_stages:
+                patch = trial
                 break
         else:
-            raise PlanError(f"even the smallest patch {list(patch)} needs an estimated {estimate:.4g} for a batch "
-                            f"of {min_batch}, more than the budget {budget:.4g}; raise --gpu-memory-gb")
+            raise too_small(estimate, patch)
         props = pool_and_conv_props(spacing, patch, min_edge)
         estimate = cost(props, min_batch)
         reductions += 1
@@ -416,38 +429,43 @@ def fit_patch_and_batch(spacing: Sequence[float], median_shape: Sequence[float],
 # --- memory estimates -------------------------------------------------------------------------------
 
 
-def _total_bytes(result: Any) -> float:
-    if isinstance(result, (int, float)):
-        return float(result)
-    for name in ("total_bytes", "total"):
-        value = getattr(result, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    raise TypeError(f"cannot read total bytes from the memory estimate {result!r}")
-
-
-def estimate_memory_bytes(topology: Topology, patch: Sequence[int], batch: int) -> float:
-    """Training memory (bytes, AMP) of the network built from ``topology``, from ``autoseg.networks.memory``."""
+def _memory_estimate(topology: Topology, patch: Sequence[int], batch: int) -> Any:
     try:
         from autoseg.networks.memory import estimate_training_memory
     except ImportError as error:
         raise PlanError(f"the memory estimate needs autoseg.networks.memory ({error})") from None
-    return _total_bytes(estimate_training_memory(topology, tuple(int(p) for p in patch), int(batch), amp=True))
+    try:
+        return estimate_training_memory(topology, tuple(int(p) for p in patch), int(batch), amp=True)
+    except ValueError as error:
+        raise PlanError(f"cannot estimate the memory of {topology.arch!r} at patch {list(patch)}: {error}") from None
+
+
+def estimate_memory_bytes(topology: Topology, patch: Sequence[int], batch: int) -> float:
+    """Training memory (bytes, AMP, CUDA context included) of the network built from ``topology``.
+
+    From :func:`autoseg.networks.memory.estimate_training_memory`: parameters, gradients, momentum,
+    the activations autograd stores, the backward peak, cuDNN workspace and the CUDA context.
+    """
+    return float(_memory_estimate(topology, patch, batch).total)
 
 
 def memory_budget_bytes(dim: int, gpu_memory_gb: float) -> float:
     """The training-memory budget in bytes for ``gpu_memory_gb``, calibrated on the plain U-Net.
 
-    The plain U-Net at ``CALIBRATION_PATCH`` (spacing 1, one channel, two classes) and nnU-Net's
-    reference batch costs ``proxy`` feature-map elements; nnU-Net allows ``REFERENCE_ELEMENTS`` per
-    8 GB. The budget is that U-Net's estimated bytes scaled by ``REFERENCE_ELEMENTS / proxy`` and by
-    ``gpu_memory_gb / 8``, so the byte estimate and the proxy agree at the reference point.
+    nnU-Net allows ``REFERENCE_ELEMENTS`` feature-map elements per sample at its reference batch per
+    8 GB. The plain U-Net at ``CALIBRATION_PATCH`` (spacing 1, one channel, two classes) and the
+    reference batch has ``proxy`` such elements and an estimated ``total`` bytes, of which ``fixed``
+    (cuDNN workspace and CUDA context) do not grow with the network. The budget is
+    ``fixed + (total - fixed) * REFERENCE_ELEMENTS / proxy * gpu_memory_gb / 8``: the byte estimate
+    and nnU-Net's proxy agree at the reference point, and only the part that scales with the
+    feature maps scales with the GPU.
     """
     props = pool_and_conv_props((1.0,) * dim, CALIBRATION_PATCH[dim])
     topology = build_topology(props, "unet", 1, 2)
     proxy = unet_feature_map_proxy(topology, props.patch_size)
-    reference_bytes = estimate_memory_bytes(topology, props.patch_size, REFERENCE_BATCH[dim])
-    return reference_bytes * REFERENCE_ELEMENTS[dim] / proxy * gpu_memory_gb / REFERENCE_GB
+    estimate = _memory_estimate(topology, props.patch_size, REFERENCE_BATCH[dim])
+    fixed = float(estimate.workspace + estimate.cuda_context)
+    return fixed + (estimate.total - fixed) * REFERENCE_ELEMENTS[dim] / proxy * gpu_memory_gb / REFERENCE_GB
 
 
 # --- normalization ----------------------------------------------------------------------------------
@@ -583,13 +601,14 @@ class _Context:
 
             return proxy_cost, budget, True, "feature-map elements"
 
-        def memory_cost(props: PoolConvProps, batch: int) -> float:
-            key = ("bytes", props.patch_size, props.strides, batch)
-            if key not in self._cost_cache:
-                self._cost_cache[key] = estimate_memory_bytes(self.topology(props), props.patch_size, batch)
-            return self._cost_cache[key]
+        return self.memory_cost, self.budget_bytes(dim), False, "bytes"
 
-        return memory_cost, self.budget_bytes(dim), False, "bytes"
+    def memory_cost(self, props: PoolConvProps, batch: int) -> float:
+        """Network-based training memory (bytes) of this plan's architecture at a patch and batch."""
+        key = ("bytes", props.patch_size, props.strides, batch)
+        if key not in self._cost_cache:
+            self._cost_cache[key] = estimate_memory_bytes(self.topology(props), props.patch_size, batch)
+        return self._cost_cache[key]
 
 
 def _fmt(value: object) -> str:
@@ -610,11 +629,15 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     """Fit one configuration; ``median_shape`` has ``dim`` entries (``y, x`` for 2d)."""
     spacing = tuple(spacing3[-dim:])
     cost, budget, linear, unit = ctx.cost_function(dim)
-    fit = fit_patch_and_batch(spacing, median_shape, cost, budget, dataset_voxels, linear_batch=linear,
-                              max_dataset_fraction=ctx.max_dataset_fraction)
+    first_fit = fit = fit_patch_and_batch(spacing, median_shape, cost, budget, dataset_voxels,
+                                          linear_batch=linear, max_dataset_fraction=ctx.max_dataset_fraction)
+    check = None
+    if ctx.uses_proxy and not quiet:
+        fit, check = _check_with_network_estimate(ctx, dim, spacing, median_shape, dataset_voxels, fit)
     topology = ctx.topology(fit.props)
     patch = fit.patch_size
-    estimated_gb = _estimated_gb(ctx, dim, topology, fit)
+    # the low-resolution search plans many throw-away configurations: skip their estimate
+    estimated_gb, memory_reason = (0.0, "") if quiet else _estimated_gb(ctx, dim, topology, fit)
     schedule_aug, aug_reason = augmentation_options(patch)
     schedule = Schedule(deep_supervision_weights=deep_supervision_weights(topology.num_stages),
                         mirror_axes=tuple(range(dim)), augmentation_options=schedule_aug)
@@ -631,10 +654,16 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
          f"median over {ctx.num_cases} cases of the cropped shape at spacing {_fmt(spacing)}")
     note(name, "initial_patch", fit.initial_patch,
          f"1/spacing scaled to {INITIAL_PATCH_EDGE[dim]}^{dim} voxels, clipped to the median shape")
-    note(name, "patch_size", patch,
-         f"{fit.reductions} reduction(s) of the axis largest relative to the median shape until a batch of "
-         f"{MIN_BATCH} costs {cost(fit.props, MIN_BATCH):.4g} <= budget {budget:.4g} {unit}; padded to a "
-         f"multiple of {_fmt(fit.props.divisible_by)}")
+    note(name, "patch_size", first_fit.patch_size,
+         f"{first_fit.reductions} reduction(s) of the axis largest relative to the median shape until a batch "
+         f"of {MIN_BATCH} costs {cost(first_fit.props, MIN_BATCH):.4g} <= budget {budget:.4g} {unit}; padded to "
+         f"a multiple of {_fmt(first_fit.props.divisible_by)}")
+    note(name, "batch_size", first_fit.batch_size,
+         f"memory allows {first_fit.batch_from_memory} ({'round' if linear else 'largest fitting'} of budget / "
+         f"cost), {ctx.max_dataset_fraction:.0%} of the dataset's {dataset_voxels:.4g} voxels allows "
+         f"{first_fit.batch_cap} patches of {math.prod(first_fit.patch_size)} voxels; minimum {MIN_BATCH}")
+    if check is not None:
+        note(name, "memory_check", f"{_fmt(patch)}, batch {fit.batch_size}", check)
     note(name, "strides", topology.strides,
          f"pool an axis while its feature map is >= {2 * MIN_EDGE} voxels and its spacing < 2x the finest; "
          f"bottleneck {_fmt(tuple(p // s for p, s in zip(patch, topology.total_stride)))}")
@@ -643,13 +672,7 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     note(name, "features_per_stage", ", ".join(str(f) for f in topology.features_per_stage),
          f"{BASE_FEATURES} doubling per stage, capped at {MAX_FEATURES[dim]}; {topology.num_stages} stages with "
          f"{', '.join(str(n) for n in topology.n_conv_per_stage)} block(s) per encoder stage")
-    note(name, "batch_size", fit.batch_size,
-         f"memory allows {fit.batch_from_memory} ({'round' if linear else 'largest fitting'} of budget / cost), "
-         f"{ctx.max_dataset_fraction:.0%} of the dataset's {dataset_voxels:.4g} voxels allows {fit.batch_cap} "
-         f"patches of {math.prod(patch)} voxels; minimum {MIN_BATCH}")
-    note(name, "estimated_memory_gb", round(estimated_gb, 3),
-         f"{'feature-map proxy' if ctx.uses_proxy else 'network-based estimate'}: {fit.cost:.4g} {unit} for "
-         f"the batch, budget {budget:.4g} {unit} for {ctx.gpu_memory_gb:g} GB")
+    note(name, "estimated_memory_gb", round(estimated_gb, 3), memory_reason)
     note(name, "resampling", "image order 3, label order 1",
          (f"spacing {_fmt(spacing)} is anisotropic (> {ANISOTROPY_THRESHOLD:g}x): the slow axis is resampled "
           "separately with order 0") if anisotropic else
@@ -660,18 +683,54 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     return configuration, fit
 
 
-def _estimated_gb(ctx: _Context, dim: int, topology: Topology, fit: PatchFit) -> float:
-    """Estimated training memory in GiB: the network-based estimate when available.
+def _check_with_network_estimate(ctx: _Context, dim: int, spacing: Sequence[float], median_shape: Sequence[float],
+                                 dataset_voxels: float, fit: PatchFit) -> tuple[PatchFit, str]:
+    """The network-based estimate as a check on nnU-Net's proxy: it may only make the plan smaller.
 
-    For the proxy-planned U-Net without :mod:`autoseg.networks.memory`, the proxy's share of the
+    If the proxy's patch and batch exceed the calibrated byte budget, the batch shrinks first (not
+    below ``MIN_BATCH``), then the patch continues along the same reduction sequence with the byte
+    estimate as cost. At 8 GB the golden plans pass unchanged.
+    """
+    try:
+        budget = ctx.budget_bytes(dim)
+        estimate = ctx.memory_cost(fit.props, fit.batch_size)
+    except PlanError as error:
+        return fit, f"no network-based check ({error})"
+    if estimate <= budget:
+        return fit, (f"network-based estimate {estimate / GIB:.3g} GiB <= calibrated budget {budget / GIB:.3g} GiB: "
+                     "the proxy's plan is kept")
+    batch = fit.batch_size
+    while batch > MIN_BATCH and ctx.memory_cost(fit.props, batch) > budget:
+        batch -= 1
+    if ctx.memory_cost(fit.props, batch) <= budget:
+        smaller = dataclasses.replace(fit, batch_size=batch, cost=ctx.memory_cost(fit.props, batch), budget=budget)
+        return smaller, (f"network-based estimate {estimate / GIB:.3g} GiB > calibrated budget {budget / GIB:.3g} "
+                         f"GiB at batch {fit.batch_size}: batch reduced to {batch}")
+    refit = fit_patch_and_batch(spacing, median_shape, ctx.memory_cost, budget, dataset_voxels, linear_batch=False,
+                                max_dataset_fraction=ctx.max_dataset_fraction)
+    return refit, (f"network-based estimate {estimate / GIB:.3g} GiB > calibrated budget {budget / GIB:.3g} GiB even "
+                   f"at batch {MIN_BATCH}: the patch shrinks further by the same rule with the network-based cost")
+
+
+def _estimated_gb(ctx: _Context, dim: int, topology: Topology, fit: PatchFit) -> tuple[float, str]:
+    """Estimated training memory in GiB (the network-based estimate when available), and its reason.
+
+    For the proxy-planned U-Net without :mod:`autoseg.networks.memory`: the proxy's share of the
     budget times the nominal GPU memory.
     """
+    share = f"{fit.cost:.4g} of the budget {fit.budget:.4g}"
     if not ctx.uses_proxy:
-        return fit.cost / GIB
+        return fit.cost / GIB, (f"network-based estimate (parameters, gradients, momentum, activations, AMP) "
+                                f"for the batch: {share} bytes, calibrated for {ctx.gpu_memory_gb:g} GB")
     try:
-        return estimate_memory_bytes(topology, fit.patch_size, fit.batch_size) / GIB
+        estimate = estimate_memory_bytes(topology, fit.patch_size, fit.batch_size)
+        budget = ctx.budget_bytes(dim)
     except PlanError:
-        return fit.cost / fit.budget * ctx.gpu_memory_gb
+        return fit.cost / fit.budget * ctx.gpu_memory_gb, (
+            f"feature-map proxy: {share} elements for {ctx.gpu_memory_gb:g} GB (no network-based estimate)")
+    return estimate / GIB, (f"network-based estimate (parameters, gradients, momentum, activations, AMP, CUDA "
+                            f"context) {estimate / GIB:.3g} GiB; calibrated budget {budget / GIB:.3g} GiB for "
+                            f"{ctx.gpu_memory_gb:g} GB")
 
 
 def _lowres(ctx: _Context, fullres: Configuration, fullres_median: np.ndarray,
@@ -732,7 +791,8 @@ def num_output_classes(dataset: DatasetJson) -> int:
 def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str | os.PathLike,
               gpu_memory_gb: float | None = None, configurations: Sequence[str] | None = None,
               arch: str = "unet", preset: str | None = None, ct_priors: bool = False,
-              time_budget_hours: float | None = None, device: str = "cpu") -> Plan:
+              time_budget_hours: float | None = None, device: str = "cpu",
+              probe_max_seconds: float = 20.0) -> Plan:
     """Derive the whole plan from a fingerprint (no image is read).
 
     Args:
@@ -746,6 +806,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
         ct_priors: add Hounsfield-window prior channels (lung, soft tissue, bone) for the first CT channel.
         time_budget_hours: set epochs from a throughput probe on ``device`` instead of 1000.
         device: where the time-budget probe runs (``cpu``, ``cuda``).
+        probe_max_seconds: bound on the probe's timed steps per configuration (after one warm-up step).
     """
     dataset = _as_dataset_json(dataset_json)
     if list(fingerprint.channel_names) != dataset.channel_list:
@@ -802,7 +863,10 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
 
     spacings, shapes = fingerprint.spacings, fingerprint.shapes_after_crop
     planned: dict[str, Configuration] = {}
-    if fingerprint.is_2d:
+    wanted = set(configurations or CONFIGURATION_NAMES)
+    if fingerprint.is_2d and "2d" not in wanted:
+        pass
+    elif fingerprint.is_2d:
         target = (1.0, *(float(v) for v in np.median(spacings[:, 1:], axis=0)))
         median = np.median(resampled_shapes(spacings, shapes, target), axis=0)
         ctx.note("2d", "spacing", target, "2D dataset: median in-plane spacing; only the 2d configuration")
@@ -812,7 +876,6 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
         target, reason = fullres_target_spacing(spacings, shapes)
         median = np.median(resampled_shapes(spacings, shapes, target), axis=0)
         dataset_voxels = float(np.prod(median)) * fingerprint.num_cases
-        wanted = set(configurations or CONFIGURATION_NAMES)
         if wanted & {"3d_fullres", "3d_lowres"}:
             ctx.note("3d_fullres", "spacing", target, reason)
             fullres, _ = _plan_configuration(ctx, "3d_fullres", tuple(target), tuple(median), dataset_voxels, 3)
@@ -848,7 +911,8 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
         raise PlanError(f"none of the requested configurations {list(configurations or [])} applies to this "
                         f"{'2D' if fingerprint.is_2d else '3D'} dataset")
     if time_budget_hours is not None:
-        planned = {name: _apply_time_budget(ctx, c, time_budget_hours, device) for name, c in planned.items()}
+        planned = {name: _apply_time_budget(ctx, c, time_budget_hours, device, probe_max_seconds)
+                   for name, c in planned.items()}
     order = [n for n in CONFIGURATION_NAMES if n in planned]
     return Plan(dataset_name=fingerprint.dataset_name, channel_names=tuple(names), labels=dict(dataset.labels),
                 configurations={n: planned[n] for n in order}, is_2d=fingerprint.is_2d,
@@ -856,9 +920,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
                 fingerprint_hash=sha256_of_json(fingerprint_to_dict(fingerprint)), decisions=tuple(ctx.decisions))
 
 
-def _replace(configuration: Configuration, **changes: Any) -> Configuration:
-    import dataclasses
-
+def _replace(configuration: Any, **changes: Any) -> Any:
     return dataclasses.replace(configuration, **changes)
 
 
@@ -940,32 +1002,40 @@ def epochs_for_time_budget(hours: float, iterations_per_epoch: int, seconds_per_
     return max(1, math.floor(hours * 3600 / (iterations_per_epoch * seconds_per_iteration * TIME_BUDGET_OVERHEAD)))
 
 
-def _apply_time_budget(ctx: _Context, configuration: Configuration, hours: float, device: str) -> Configuration:
-    seconds, timed = probe_seconds_per_iteration(configuration, device)
+def _apply_time_budget(ctx: _Context, configuration: Configuration, hours: float, device: str,
+                       max_seconds: float) -> Configuration:
+    epochs_for_time_budget(hours, 1, 1.0)  # reject a bad budget before probing
+    seconds, timed = probe_seconds_per_iteration(configuration, device, max_seconds=max_seconds)
     iterations = configuration.schedule.iterations_per_epoch
     epochs = epochs_for_time_budget(hours, iterations, seconds)
     ctx.note(configuration.name, "epochs", epochs,
-             f"time budget {hours:g} h; probe on {device}: {seconds:.3g} s/iteration ({timed} timed step(s) after "
-             f"a warm-up); {hours:g} h / ({iterations} iterations x {seconds:.3g} s x {TIME_BUDGET_OVERHEAD:g})")
+             f"time budget {hours:g} h; probe on {device}: {seconds:.4g} s/iteration ({timed} timed step(s) after "
+             f"a warm-up); {hours:g} h / ({iterations} iterations x {seconds:.4g} s x {TIME_BUDGET_OVERHEAD:g})")
     return _replace(configuration, schedule=_replace(configuration.schedule, epochs=epochs))
 
 
 @dataclass(frozen=True)
 class MemoryCheck:
-    """Measured against estimated peak training memory of one configuration."""
+    """Measured against estimated peak training memory of one configuration (GiB).
+
+    ``estimated_gb`` is the estimate of what the allocator hands out (comparable with
+    ``torch.cuda.max_memory_allocated``); ``planned_gb`` the plan's figure, which adds the CUDA context.
+    """
 
     configuration: str
     device: str
     measured_gb: float
     estimated_gb: float
+    planned_gb: float
 
     @property
     def ratio(self) -> float:
         return self.measured_gb / self.estimated_gb if self.estimated_gb else float("inf")
 
     def __str__(self) -> str:
-        return (f"{self.configuration}: measured peak {self.measured_gb:.3f} GB, estimated "
-                f"{self.estimated_gb:.3f} GB (measured/estimated {self.ratio:.2f}) on {self.device}")
+        return (f"{self.configuration}: measured peak {self.measured_gb:.3f} GiB allocated, estimated "
+                f"{self.estimated_gb:.3f} GiB (measured/estimated {self.ratio:.2f}; with the CUDA context the "
+                f"plan counts {self.planned_gb:.3f} GiB) on {self.device}")
 
 
 def verify_memory(plan: Plan, configuration: str, device: str = "cuda") -> MemoryCheck:
@@ -982,6 +1052,9 @@ def verify_memory(plan: Plan, configuration: str, device: str = "cuda") -> Memor
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise PlanError(f"--verify runs a training step on a CUDA GPU; device {device!r} is not one "
                         f"(CUDA available: {torch.cuda.is_available()})")
+    from autoseg.networks.memory import estimate_training_memory
+
+    estimate = estimate_training_memory(config.topology, config.patch_size, config.batch_size, amp=True)
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
@@ -1010,7 +1083,8 @@ def verify_memory(plan: Plan, configuration: str, device: str = "cuda") -> Memor
     del network, optimizer, x, target, outputs, loss
     torch.cuda.empty_cache()
     return MemoryCheck(configuration=configuration, device=torch.cuda.get_device_name(dev),
-                       measured_gb=peak / GIB, estimated_gb=config.estimated_memory_gb)
+                       measured_gb=peak / GIB, estimated_gb=estimate.allocated / GIB,
+                       planned_gb=config.estimated_memory_gb)
 
 
 # --- explanation and the whole stage ----------------------------------------------------------------

@@ -28,10 +28,10 @@ SPACING = (3.0, 1.0, 0.5)
 def write_dataset(root: Path, channels: dict[str, str], cases: list[dict], labels: dict | None = None) -> Path:
     """Write ``cases`` (each ``{"images": [array per channel], "label": array}``) as a raw dataset."""
     for i, case in enumerate(cases):
-        spacing = case.get("spacing", SPACING)
+        geometry = {"spacing": case.get("spacing", SPACING), "direction": case.get("direction", ())}
         for c, array in enumerate(case["images"]):
-            write_image(Image(array, spacing), root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz")
-        write_image(Image(case["label"], spacing), root / "labelsTr" / f"case_{i:03d}.nii.gz")
+            write_image(Image(array, **geometry), root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz")
+        write_image(Image(case["label"], **geometry), root / "labelsTr" / f"case_{i:03d}.nii.gz")
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": channels,
         "labels": labels or {"background": 0, "organ": 1, "lesion": 2},
@@ -99,6 +99,20 @@ def test_foreground_intensities_match_exact_statistics(padded_dataset: Path):
     per_case = fingerprint.cases[0].channels[0].foreground
     assert per_case.count == 9 and per_case.mean == pytest.approx(np.mean(exact[:9]))
     assert per_case.percentile_99_5 == pytest.approx(np.percentile(exact[:9], 99.5))
+
+
+def test_cases_are_counted_in_canonical_orientation(tmp_path: Path):
+    canonical = padded_case(0.0)
+    # the same case stored with z and x swapped (array axes reversed), and a direction saying so
+    stored = {"images": [np.ascontiguousarray(canonical["images"][0].transpose(2, 1, 0))],
+              "label": np.ascontiguousarray(canonical["label"].transpose(2, 1, 0)),
+              "spacing": SPACING[::-1], "direction": (0, 0, 1, 0, 1, 0, 1, 0, 0)}
+    root = write_dataset(tmp_path / "oriented", {"0": "T1"}, [canonical, stored])
+    fingerprint = compute_fingerprint(root, n_jobs=1, progress=False)
+    for case in fingerprint.cases:
+        assert case.spacing == SPACING
+        assert case.shape == (8, 12, 10) and case.shape_after_crop == (4, 8, 6)
+    assert fingerprint.cases[0].channels == fingerprint.cases[1].channels
 
 
 def test_fingerprint_is_the_same_serial_and_parallel(padded_dataset: Path):

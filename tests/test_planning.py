@@ -1,0 +1,316 @@
+"""The planner on the example datasets, and its options: memory budget, presets, architectures,
+configurations, CT priors, time budget, explanation, and the whole `plan` stage on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_planning_golden import dataset_json, uniform_fingerprint
+
+from autoseg.dataset import load_dataset_json
+from autoseg.examples import make_example
+from autoseg.fingerprint import compute_fingerprint
+from autoseg.plan import PlanError, load_plan, save_plan
+from autoseg.planning import (
+    CT_PRIOR_WINDOWS,
+    GIB,
+    epochs_for_time_budget,
+    explain_plan,
+    make_plan,
+    memory_budget_bytes,
+    normalization_for_channel,
+    plan_dataset,
+    verify_memory,
+)
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory) -> dict:
+    """The three example datasets (3 cases each) and their fingerprints, made once for this file."""
+    root = tmp_path_factory.mktemp("examples")
+    out = {}
+    for kind in ("ct", "mri", "2d"):
+        folder = make_example(root / kind, kind=kind, num_cases=3, seed=0)
+        out[kind] = (folder, compute_fingerprint(folder, n_jobs=1, progress=False), load_dataset_json(folder))
+    return out
+
+
+def plan_for(examples, kind: str, **kwargs):
+    _, fingerprint, dataset = examples[kind]
+    return make_plan(fingerprint, dataset, **kwargs)
+
+
+def test_anisotropic_ct(examples):
+    _, fingerprint, _ = examples["ct"]
+    plan = plan_for(examples, "ct")
+    fullres = plan.configuration("3d_fullres")
+    median = np.median(fingerprint.spacings, axis=0)
+    assert median[0] > 3 * median[1]  # the example really is anisotropic
+    # a lower target spacing only along the slow axis: its 10th percentile
+    assert fullres.spacing[0] < median[0]
+    assert fullres.spacing[0] == pytest.approx(np.percentile(fingerprint.spacings[:, 0], 10))
+    assert fullres.spacing[1:] == pytest.approx(tuple(median[1:]))
+    # kernel size 1 along the slow axis at the first stage, in-plane 3; 3 once the spacing caught up
+    kernels, strides = fullres.topology.kernel_sizes, fullres.topology.strides
+    assert kernels[0] == (1, 3, 3) and kernels[-1] == (3, 3, 3)
+    assert strides[1] == (1, 2, 2)  # and no pooling along it at first either
+    # CT normalization with the clip values and statistics of the fingerprint
+    (norm,) = fullres.normalization
+    foreground = fingerprint.channels[0].foreground
+    assert norm.scheme == "ct"
+    assert (norm.clip_low, norm.clip_high) == (foreground.percentile_00_5, foreground.percentile_99_5)
+    assert (norm.mean, norm.std) == (foreground.mean, foreground.std)
+    assert norm.clip_low < 0 < norm.clip_high  # Hounsfield units
+    assert plan.configuration("2d").spacing[0] == pytest.approx(median[0])  # informational slice spacing
+    assert plan.configuration("2d").normalization == fullres.normalization
+
+
+def test_multichannel_mri_gets_per_image_zscore(examples):
+    _, fingerprint, dataset = examples["mri"]
+    plan = plan_for(examples, "mri")
+    for configuration in plan.configurations.values():
+        assert [n.channel for n in configuration.normalization] == ["T1", "T1ce", "T2", "FLAIR"]
+        assert {n.scheme for n in configuration.normalization} == {"zscore"}
+        expected_mask = fingerprint.median_relative_size_after_crop < 0.75
+        assert all(n.use_nonzero_mask == expected_mask for n in configuration.normalization)
+        assert configuration.topology.in_channels == 4
+        assert configuration.topology.num_classes == 3  # three overlapping regions
+    assert plan.regions_class_order == dataset.regions_class_order
+    assert set(plan.configurations) >= {"2d", "3d_fullres"}
+
+
+def test_two_dimensional_dataset_gets_only_2d(examples):
+    plan = plan_for(examples, "2d")
+    assert plan.is_2d and list(plan.configurations) == ["2d"]
+    configuration = plan.configuration("2d")
+    assert configuration.topology.dim == 2 and len(configuration.patch_size) == 2
+    assert configuration.spacing[0] == 1.0
+    with pytest.raises(PlanError, match="none of the requested configurations"):
+        plan_for(examples, "2d", configurations=["3d_fullres"])
+
+
+@pytest.mark.parametrize("kind", ["ct", "mri", "2d"])
+@pytest.mark.parametrize("arch", ["unet", "resenc"])
+def test_halving_the_memory_never_grows_the_plan_and_keeps_the_estimate_under_budget(examples, kind, arch):
+    previous = None
+    for gb in (8.0, 4.0, 2.0):
+        plan = plan_for(examples, kind, gpu_memory_gb=gb, arch=arch)
+        for name, configuration in plan.configurations.items():
+            budget = memory_budget_bytes(configuration.dim, gb) / GIB
+            assert 0 < configuration.estimated_memory_gb <= budget, (name, gb)
+            if previous is not None and name in previous.configurations:
+                before = previous.configuration(name)
+                assert all(a <= b for a, b in zip(configuration.patch_size, before.patch_size)), (name, gb)
+                assert configuration.batch_size <= before.batch_size, (name, gb)
+        previous = plan
+
+
+@pytest.mark.parametrize("golden", ["brats-like", "anisotropic-ct", "large-ct"])
+def test_halving_the_memory_on_large_golden_fingerprints(golden):
+    fingerprints = {
+        "brats-like": ((1.0, 1.0, 1.0), (138, 169, 138), 484, ("FLAIR", "T1w", "t1gd", "T2w"), 4),
+        "anisotropic-ct": ((1.37, 1.25, 1.25), (115, 320, 232), 20, ("CT",), 3),
+        "large-ct": ((1.0, 0.833, 0.833), (300, 480, 480), 50, ("CT",), 2),
+    }
+    spacing, shape, cases, channels, classes = fingerprints[golden]
+    fingerprint = uniform_fingerprint(spacing, shape, cases, channels)
+    previous = None
+    for gb in (8.0, 4.0, 2.0):
+        plan = make_plan(fingerprint, dataset_json(channels, classes), gpu_memory_gb=gb)
+        for name, configuration in plan.configurations.items():
+            assert configuration.estimated_memory_gb <= memory_budget_bytes(configuration.dim, gb) / GIB
+            if previous is not None and name in previous.configurations:
+                before = previous.configuration(name)
+                assert math.prod(configuration.patch_size) <= math.prod(before.patch_size)
+                assert configuration.batch_size <= before.batch_size
+        previous = plan
+
+
+def test_batch_cap_and_minimum_batch():
+    # 40 tiny cases: memory would allow a huge batch, 5 % of the dataset's voxels does not
+    small = make_plan(uniform_fingerprint((1.0, 1.0, 1.0), (24, 24, 24), 40), dataset_json(("MRI",), 2))
+    for configuration in small.configurations.values():
+        dataset_voxels = 24**3 * 40
+        cap = round(dataset_voxels * 0.05 / math.prod(configuration.patch_size))
+        assert configuration.batch_size == max(cap, 2)
+    # one case: the cap rounds to 0, the batch stays at the minimum of 2
+    single = make_plan(uniform_fingerprint((1.0, 1.0, 1.0), (24, 24, 24), 1), dataset_json(("MRI",), 2))
+    assert {c.batch_size for c in single.configurations.values()} == {2}
+
+
+def test_lowres_cascade_and_configuration_choice():
+    fingerprint = uniform_fingerprint((1.0, 0.833, 0.833), (300, 480, 480), 50, ("CT",))
+    plan = make_plan(fingerprint, dataset_json(("CT",), 2))
+    fullres, lowres = plan.configuration("3d_fullres"), plan.configuration("3d_lowres")
+    assert all(lo > hi for lo, hi in zip(lowres.spacing, fullres.spacing))
+    assert fullres.previous_stage == "3d_lowres" and lowres.previous_stage is None
+    # the low-resolution patch covers at least a quarter of its median image, full resolution less
+    assert math.prod(lowres.patch_size) / math.prod(lowres.median_shape) >= 0.25 - 0.01
+    assert math.prod(fullres.patch_size) / math.prod(fullres.median_shape) < 0.25
+    only_fullres = make_plan(fingerprint, dataset_json(("CT",), 2), configurations=["3d_fullres"])
+    assert list(only_fullres.configurations) == ["3d_fullres"]
+    assert only_fullres.configuration("3d_fullres").previous_stage is None
+    only_lowres = make_plan(fingerprint, dataset_json(("CT",), 2), configurations=["3d_lowres"])
+    assert list(only_lowres.configurations) == ["3d_lowres"]
+    assert only_lowres.configuration("3d_lowres") == lowres
+    # small images need no low-resolution stage
+    small = make_plan(uniform_fingerprint((1.0, 1.0, 1.0), (36, 50, 35), 10), dataset_json(("MRI",), 2))
+    assert "3d_lowres" not in small.configurations
+    assert any(d.key == "configuration" and "not needed" in d.reason for d in small.decisions)
+
+
+def test_ct_priors(examples):
+    plan = plan_for(examples, "ct", ct_priors=True)
+    for configuration in plan.configurations.values():
+        assert configuration.ct_priors == CT_PRIOR_WINDOWS
+        assert configuration.topology.in_channels == 1 + 3
+    assert [(w.name, w.low, w.high) for w in CT_PRIOR_WINDOWS] == [
+        ("lung", -1000.0, -400.0), ("soft_tissue", -100.0, 100.0), ("bone", 400.0, None)]
+    mri = plan_for(examples, "mri", ct_priors=True)
+    assert all(c.ct_priors == () and c.topology.in_channels == 4 for c in mri.configurations.values())
+
+
+@pytest.mark.parametrize(("preset", "gb"), [("resenc-m", 8.0), ("resenc-l", 24.0)])
+def test_residual_encoder_presets(examples, preset, gb):
+    plan = plan_for(examples, "ct", preset=preset)
+    assert plan.gpu_memory_gb == gb
+    topology = plan.configuration("3d_fullres").topology
+    assert topology.arch == "resenc"
+    assert topology.n_conv_per_stage[:4] == (1, 3, 4, 6)
+    assert set(topology.n_conv_per_stage_decoder) == {1}
+    for configuration in plan.configurations.values():
+        assert configuration.estimated_memory_gb <= memory_budget_bytes(configuration.dim, gb) / GIB
+
+
+def test_every_registered_architecture_can_be_planned(examples):
+    from autoseg.networks import available_networks
+
+    for arch in available_networks():
+        plan = plan_for(examples, "ct", arch=arch, configurations=["3d_fullres"])
+        configuration = plan.configuration("3d_fullres")
+        assert configuration.topology.arch == arch
+        assert 0 < configuration.estimated_memory_gb <= memory_budget_bytes(3, 8.0) / GIB
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(preset="resenc-xxl"), "unknown preset"),
+    (dict(arch="no-such-net"), "unknown network architecture"),
+    (dict(configurations=["3d"]), "unknown configuration"),
+    (dict(gpu_memory_gb=0.0), "must be > 0"),
+    (dict(preset="resenc-m", arch="vnet"), "sets the architecture"),
+    (dict(gpu_memory_gb=0.01, arch="vnet"), "raise --gpu-memory-gb"),
+])
+def test_bad_options_are_rejected(examples, kwargs, message):
+    with pytest.raises(PlanError, match=message):
+        plan_for(examples, "ct", **kwargs)
+
+
+def test_fingerprint_of_another_dataset_is_rejected(examples):
+    _, fingerprint, _ = examples["ct"]
+    with pytest.raises(PlanError, match="differ from dataset.json"):
+        make_plan(fingerprint, examples["mri"][2])
+
+
+@pytest.mark.parametrize(("name", "scheme"), [
+    ("CT", "ct"), ("ct_arterial", "ct"), ("T2", "zscore"), ("FLAIR", "zscore"), ("noNorm", "none"),
+    ("rescale_to_0_1", "rescale01"), ("rgb_to_0_1", "rescale01"), ("zscore", "zscore"),
+])
+def test_normalization_from_the_channel_name(examples, name, scheme):
+    _, fingerprint, _ = examples["ct"]
+    normalization, reason = normalization_for_channel(name, fingerprint.channels[0], 0.9)
+    assert normalization.scheme == scheme and name in reason
+    assert not normalization.use_nonzero_mask
+    if scheme == "zscore":
+        assert normalization_for_channel(name, None, 0.5)[0].use_nonzero_mask
+
+
+def test_explain_lists_every_decision_with_its_reason(examples):
+    plan = plan_for(examples, "ct")
+    text = explain_plan(plan)
+    assert text.splitlines()[0].split() == ["configuration", "decision", "value", "reason"]
+    patch = "x".join(map(str, plan.configuration("3d_fullres").patch_size))
+    assert patch in text
+    for decision in plan.decisions:
+        assert decision.key in text
+        assert decision.reason.split()[0] in text
+    assert "10th percentile" in text  # why the slow axis is finer
+    assert all(len(line) <= 115 for line in text.splitlines())
+
+
+def test_plan_dataset_writes_the_work_folder_and_reuses_the_fingerprint(examples, tmp_path):
+    folder, _, _ = examples["ct"]
+    work = tmp_path / "work"
+    start = time.perf_counter()
+    plan = plan_dataset(folder, work, n_jobs=1, progress=False)
+    first = time.perf_counter() - start
+    assert load_plan(work) == plan
+    assert json.loads((work / "dataset.json").read_text()) == json.loads((folder / "dataset.json").read_text())
+    assert plan.decisions[0].key == "fingerprint" and plan.decisions[0].value == "computed"
+    again = plan_dataset(folder, work, n_jobs=1, progress=False)
+    assert again.decisions[0].value == "reused"
+    assert again.configurations == plan.configurations
+    assert first < 60  # "a few seconds" on a normal machine; generous for a shared test runner
+
+
+def test_hand_broken_plan_is_rejected(examples, tmp_path):
+    path = save_plan(plan_for(examples, "ct"), tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    data["configurations"]["3d_fullres"]["patch_size"][1] += 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="not a multiple of the network's total stride"):
+        load_plan(path)
+
+
+def test_time_budget_sets_the_epochs_from_a_probe():
+    fingerprint = uniform_fingerprint((1.0, 0.5, 0.5), (1, 48, 40), 20)  # small 2D images: a quick probe
+    start = time.perf_counter()
+    plan = make_plan(fingerprint, dataset_json(("MRI",), 2), time_budget_hours=0.5, probe_max_seconds=3.0)
+    assert time.perf_counter() - start < 30  # the probe is bounded on the CPU
+    configuration = plan.configuration("2d")
+    (decision,) = [d for d in plan.decisions if d.key == "epochs"]
+    seconds = float(decision.reason.split("s/iteration")[0].split()[-1])  # printed to 4 digits
+    assert configuration.schedule.epochs == pytest.approx(epochs_for_time_budget(0.5, 250, seconds), rel=0.01, abs=1)
+    assert 1 <= configuration.schedule.epochs < 1000
+
+
+@pytest.mark.parametrize(("hours", "seconds", "expected"), [
+    (1.0, 1.0, math.floor(3600 / (250 * 1.15))),
+    (0.001, 10.0, 1),  # never below one epoch
+    (24.0, 0.1, math.floor(24 * 3600 / (250 * 0.1 * 1.15))),
+])
+def test_epochs_for_time_budget(hours, seconds, expected):
+    assert epochs_for_time_budget(hours, 250, seconds) == expected
+
+
+def test_time_budget_must_be_positive(examples):
+    with pytest.raises(PlanError, match="time budget"):
+        plan_for(examples, "2d", time_budget_hours=0.0)
+
+
+def test_verify_memory_needs_cuda(examples):
+    plan = plan_for(examples, "2d")
+    if torch.cuda.is_available():
+        pytest.skip("covered by test_verify_memory_on_cuda")
+    with pytest.raises(PlanError, match="CUDA"):
+        verify_memory(plan, "2d", device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_verify_memory_on_cuda(examples):
+    plan = plan_for(examples, "ct")
+    for name in plan.configurations:
+        check = verify_memory(plan, name, device="cuda")
+        assert check.measured_gb > 0
+        # the stated tolerance of the network-based estimate
+        assert 0.5 < check.ratio < 1.5, str(check)
+
+
+def test_plan_file_round_trips(examples, tmp_path: Path):
+    plan = plan_for(examples, "mri")
+    assert load_plan(save_plan(plan, tmp_path / "plan.json")) == plan
