@@ -34,7 +34,11 @@ of the dataset's voxels, never below 2. Every other architecture (and the residu
 uses the memory estimate of the network itself (parameters, gradients, optimizer state, stored
 activations, AMP) from :mod:`autoseg.networks.memory`, with the budget in bytes calibrated so that
 the plain U-Net's reference point (a 128^3 patch at batch 2 in 3D, 512^2 at batch 12 in 2D) costs
-exactly nnU-Net's reference; its batch grows while it fits.
+exactly nnU-Net's reference (:func:`memory_budget_bytes`); its batch grows while it fits. For the
+plain U-Net the same estimate checks the proxy's result: where it exceeds the byte budget (possible
+away from 8 GB, where the proxy ignores fixed costs), the batch and then the patch shrink further;
+the golden 8 GB plans pass unchanged. A batch may still grow when a smaller budget forces a smaller
+patch (nnU-Net's order: patch first, then batch).
 
 **3d_lowres.** Planned when the full-resolution patch covers less than 25 % of the median image:
 the spacing grows in 3 % steps (only the axes finer than half the coarsest first, then all) until
@@ -849,7 +853,10 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
     ctx.note("dataset", "architecture", arch,
              f"preset {preset}" if preset else ("nnU-Net's plain U-Net, planned with its feature-map proxy"
                                                 if ctx.uses_proxy else "from --arch; planned with its memory estimate"))
-    ctx.note("dataset", "gpu_memory_gb", gpu_memory_gb, "training-memory budget per configuration")
+    sized_for = PRESETS[preset].gpu_memory_gb if preset else None
+    ctx.note("dataset", "gpu_memory_gb", gpu_memory_gb, "training-memory budget per configuration" + (
+        f" (preset {preset} is sized for {sized_for:g} GB; the given budget wins)"
+        if sized_for is not None and sized_for != gpu_memory_gb else ""))
     ctx.note("dataset", "num_classes", ctx.num_classes,
              "regions (sigmoid outputs)" if dataset.has_regions else "label values incl. background (softmax)")
     for normalization, reason in zip(normalizations, norm_reasons):
