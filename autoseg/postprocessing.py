@@ -142,9 +142,9 @@ class CrfParams:
 
     iterations: int = 5
     spatial_sigma: float = 1.0
-    spatial_weight: float = 1.0
+    spatial_weight: float = 3.0
     bilateral_sigma: float = 3.0
-    bilateral_weight: float = 1.0
+    bilateral_weight: float = 2.0
     intensity_sigma: float = 0.5
     bins: int = 6
 
