@@ -25,7 +25,6 @@ from autoseg.training.monitor import (
     update_ema,
     write_log,
 )
-from autoseg.training.validation import logits_to_labels
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
@@ -102,14 +101,3 @@ def test_log_is_json_lines_without_nan(tmp_path: Path) -> None:
     assert read_log(tmp_path / "log.jsonl") == entries
     with pytest.raises(ValueError):
         write_log(tmp_path / "log.jsonl", [{"val_loss": float("nan")}])
-
-
-def test_logits_to_label_values_for_classes_and_regions() -> None:
-    plain = LabelInfo.from_labels({"background": 0, "a": 4, "b": 9})
-    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])  # channels x voxels
-    assert logits_to_labels(logits, plain).tolist() == [0, 4, 9]
-    regions = LabelInfo.from_labels({"background": 0, "whole": (1, 2), "core": 2})
-    region_logits = torch.tensor([[-1.0, 2.0, 2.0], [-1.0, -1.0, 2.0]])
-    assert logits_to_labels(region_logits, regions, (1, 2)).tolist() == [0, 1, 2]
-    with pytest.raises(ValueError, match="regions_class_order"):
-        logits_to_labels(region_logits, regions, None)

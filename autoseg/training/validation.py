@@ -6,9 +6,10 @@ is written as ``validation/<case>.npy`` (int16 label values, for later post-proc
 and ``validation/summary.json`` holds Dice, IoU, HD95 (and the other metrics of
 :mod:`autoseg.evaluation`) per case and class, with their summary over cases.
 
-Prediction is one forward pass over the whole case (2D configurations: slice by slice), padded to
-a size the network accepts. (To switch to ``autoseg.inference.sliding_window_predict`` once it
-exists: replace :func:`predict_whole_case`.)
+Prediction is what ``autoseg predict`` does in preprocessed space: the sliding window of
+:func:`autoseg.inference.sliding_window_predict` (Gaussian-weighted tiles overlapping by half) with
+mirroring along the axes the network was trained to be mirrored along, using the weights at the
+end of training (as nnU-Net validates with its final checkpoint).
 """
 
 from __future__ import annotations
@@ -24,75 +25,34 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autoseg import evaluation
-from autoseg.networks import valid_input_size
 from autoseg.plan import Configuration
 from autoseg.training.data import PreprocessedDataset
 from autoseg.training.labels import LabelInfo
 from autoseg.utils import atomic_write, atomic_write_json
 
-SLICES_PER_BATCH = 8
-
-
-def logits_to_labels(logits: torch.Tensor, label_info: LabelInfo,
-                     regions_class_order: Sequence[int] | None = None) -> np.ndarray:
-    """``(C, *spatial)`` logits to a label map of raw label values (int16).
-
-    Softmax outputs: the value of the arg-max channel. Region outputs: each region above 0.5
-    probability (logit > 0) paints its ``regions_class_order`` value, in region order, so later
-    (inner) regions overwrite earlier (outer) ones, as nnU-Net does.
-    """
-    if label_info.is_regions:
-        if regions_class_order is None or len(regions_class_order) != label_info.num_outputs:
-            raise ValueError(f"region outputs need regions_class_order with {label_info.num_outputs} entries, "
-                             f"got {regions_class_order}")
-        labels = torch.zeros(logits.shape[1:], dtype=torch.int16, device=logits.device)
-        for channel, value in enumerate(regions_class_order):
-            labels[logits[channel] > 0] = int(value)
-        return labels.cpu().numpy()
-    values = torch.tensor([v[0] for v in label_info.values], dtype=torch.int16, device=logits.device)
-    return values[logits.argmax(0)].cpu().numpy()
-
-
-@torch.no_grad()
-def predict_whole_case(network: nn.Module, configuration: Configuration, image: np.ndarray,
-                       device: torch.device) -> torch.Tensor:
-    """Logits ``(C, Z, Y, X)`` of a preprocessed image ``(C, Z, Y, X)`` in one pass (2D: per slice)."""
-    topology = configuration.topology
-    network.eval()
-    autocast = torch.autocast(device.type, enabled=device.type == "cuda")
-    if topology.dim == 3:
-        batch = torch.from_numpy(np.array(image, dtype=np.float32))[None]
-        with autocast:
-            return _forward_padded(network, topology, batch.to(device))[0].float()
-    slices = []
-    for start in range(0, image.shape[1], SLICES_PER_BATCH):
-        chunk = torch.from_numpy(np.array(image[:, start:start + SLICES_PER_BATCH], dtype=np.float32))
-        with autocast:
-            slices.append(_forward_padded(network, topology, chunk.movedim(1, 0).to(device)).float())
-    return torch.cat(slices).movedim(0, 1)
-
-
-def _forward_padded(network: nn.Module, topology: Any, batch: torch.Tensor) -> torch.Tensor:
-    spatial = tuple(batch.shape[2:])
-    size = valid_input_size(topology, spatial)
-    pad: list[int] = []
-    for have, want in zip(reversed(spatial), reversed(size)):
-        pad += [0, want - have]
-    output = network(torch.nn.functional.pad(batch, pad))
-    if isinstance(output, (list, tuple)):
-        output = output[0]
-    return output[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+STEP = 0.5  # tile spacing as a fraction of the patch, autoseg predict's default
 
 
 def predict_and_score(network: nn.Module, configuration: Configuration, dataset: PreprocessedDataset,
-                      case_ids: Sequence[str], label_info: LabelInfo, output_dir: str | os.PathLike, device: torch.device,
-                      regions_class_order: Sequence[int] | None = None, progress: bool = True) -> None:
-    """Predict ``case_ids`` and write ``output_dir/<case>.npy`` (label values) for each."""
+                      case_ids: Sequence[str], label_info: LabelInfo, output_dir: str | os.PathLike,
+                      device: torch.device, regions_class_order: Sequence[int] | None = None,
+                      progress: bool = True) -> None:
+    """Predict ``case_ids`` as ``autoseg predict`` would and write ``output_dir/<case>.npy`` (label values)."""
+    from autoseg.inference import sliding_window_predict, trained_mirror_axes
+    from autoseg.postprocessing import probabilities_to_label_map
+
     output_dir = Path(output_dir)
+    activation = "sigmoid" if label_info.is_regions else "softmax"
+    mirror_axes = trained_mirror_axes(configuration)
+    network.eval()
     for case_id in tqdm(case_ids, desc="validation cases", disable=not progress, leave=False):
         image, _ = dataset.load(case_id)
-        logits = predict_whole_case(network, configuration, image, device)
-        prediction = logits_to_labels(logits, label_info, regions_class_order)
+        with torch.no_grad():
+            probabilities = sliding_window_predict(
+                network, np.array(image, dtype=np.float32), configuration.patch_size, step=STEP,
+                tta_axes=mirror_axes, device=device, output_channels=label_info.num_outputs, activation=activation)
+        prediction = probabilities_to_label_map(probabilities, label_info.values, activation, regions_class_order)
+        prediction = prediction.astype(np.int16)
         atomic_write(output_dir / f"{case_id}.npy", lambda tmp, p=prediction: np.save(tmp, p))
 
 
