@@ -189,8 +189,8 @@ def _cmd_describe_network(args: argparse.Namespace) -> int:
 def _cmd_augment_preview(args: argparse.Namespace) -> int:
     from autoseg.training.preview import augment_preview
 
-    out = augment_preview(args.work, args.output, configuration=args.configuration,
-                          num_samples=args.num_samples, seed=args.seed, preset=args.preset)
+    out = augment_preview(args.work, args.output, num_samples=args.num_samples, seed=args.seed,
+                          configuration=args.configuration, preset=args.preset)
     print(f"wrote {out}")
     return 0
 
@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "autoseg plan data/ct --work work/ct --gpu-memory-gb 8 --explain")
     p.add_argument("dataset", type=Path)
     p.add_argument("--work", type=Path, default=None, help="work folder (default ./autoseg_work/<dataset name>)")
-    p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory budget for training")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GPU memory budget for training (default 8, or the preset's size)")
     p.add_argument("--configurations", nargs="+", default=None, choices=["2d", "3d_fullres", "3d_lowres"])
     p.add_argument("--arch", default="unet", help="network architecture (see `autoseg describe-network`)")
     p.add_argument("--preset", default=None, help="residual-encoder preset: resenc-m, resenc-l or resenc-xl")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import TypeAdapter
 
 from autoseg.networks import available_networks, build_network, estimate_training_memory
 from autoseg.networks.memory import MemoryEstimate
@@ -111,6 +114,24 @@ def measured_step_bytes(topology: Topology, patch: tuple[int, ...], batch: int) 
         torch.set_num_threads(threads)
 
 
+def measured_in_fresh_process(topology: Topology, patch: tuple[int, ...], batch: int) -> int:
+    """:func:`measured_step_bytes` in a new interpreter: memory that earlier tests left to the
+    allocator would otherwise serve the step without raising the resident peak."""
+    spec = json.dumps({"topology": TypeAdapter(Topology).dump_python(topology, mode="json"),
+                       "patch": list(patch), "batch": batch})
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]);"
+        "from pydantic import TypeAdapter; from autoseg.plan import Topology;"
+        "from test_network_memory import measured_step_bytes;"
+        "spec = json.loads(sys.argv[2]);"
+        "print(measured_step_bytes(TypeAdapter(Topology).validate_python(spec['topology']),"
+        " tuple(spec['patch']), spec['batch']))"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), spec],
+                            capture_output=True, text=True, timeout=240, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
 MEASURED_CASES = [
     ("unet", topology(3, (8, 16, 32), anisotropic=True), (16, 64, 64), 2),
     ("resenc", topology(3, (8, 16, 32), anisotropic=True), (16, 48, 48), 2),
@@ -127,7 +148,7 @@ MEASURED_CASES = [
                               for c in MEASURED_CASES])
 def test_estimate_matches_measured_cpu_peak(arch: str, topo: Topology, patch: tuple, batch: int) -> None:
     topo = dataclasses.replace(topo, arch=arch)
-    measured = measured_step_bytes(topo, patch, batch)
+    measured = measured_in_fresh_process(topo, patch, batch)
     estimate = estimate_training_memory(topo, patch, batch, amp=False)
     estimated = estimate.activations + estimate.backward_peak + estimate.gradients
     assert measured > 20 * 1024**2, "the case is too small to measure reliably"
