@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 _CUBIC_A = -0.75  # torch's (and OpenCV's) cubic convolution parameter
-_SLAB_ELEMENTS = 1 << 21  # ~8 MB of float32 per output slab when chunk_slices is not given
+_SLAB_ELEMENTS = 1 << 19  # ~2 MB of float32 per output slab when chunk_slices is not given
 _INPLANE_MODES = {0: "nearest-exact", 1: "bilinear", 2: "bicubic", 3: "bicubic"}
 
 Device = str | torch.device
@@ -208,7 +208,8 @@ def _stream(source: Callable[[int, int], np.ndarray], in_shape: tuple[int, int, 
     """Yield ``(start, stop, slab)`` output slabs along the streaming axis.
 
     ``source(a, b)`` returns input slices ``[a, b)`` along the streaming axis (that axis first, then
-    the two in-plane axes in their original order); slabs have the same layout.
+    the two in-plane axes in their original order); slabs have the same layout and belong to the
+    caller (they may be modified in place).
     """
     axis = scheme.stream_axis
     out_plane = tuple(s for i, s in enumerate(scheme.new_shape) if i != axis)
@@ -225,7 +226,7 @@ def _stream(source: Callable[[int, int], np.ndarray], in_shape: tuple[int, int, 
         local = torch.from_numpy(rows - first).to(device)
         if taps == 1:
             if n_in == n_out:
-                slab = window
+                slab = window.clone()  # the window is the cache's: callers may modify the slab
             else:
                 slab = window.index_select(0, local[:, 0])
         else:
@@ -292,7 +293,7 @@ def resample_image(array: np.ndarray, current_spacing: Sequence[float],
             from the spacings and ``anisotropy_threshold`` (module docstring).
         device: torch device for the arithmetic (the result is always a numpy array).
         chunk_slices: output slices per slab along the streaming axis (bounds the extra memory);
-            default: about 8 MB (float32) per slab.
+            default: about 2 MB (float32) per slab.
         out: optional preallocated float32 result (e.g. a channel range of a larger array).
         slow_axis: force this axis to be the separate slow axis (e.g. to undo a resampling exactly
             as it was done); overrides ``separate_slow_axis``.
@@ -402,38 +403,43 @@ def resample_label(label: np.ndarray, current_spacing: Sequence[float],
     implicit = int(values[np.argmax(counts)])
     explicit = [int(v) for v in values if v != implicit]
     value_dtype = torch.from_numpy(np.zeros(1, dtype=label.dtype)).dtype
-    streams = [_stream(lambda a, b, v=v: moved[a:b] == v, label.shape, scheme, torch_device, chunk_slices)
-               for v in explicit]
-    classes = explicit + [implicit]
-    best_prob = np.full(len(classes), -np.inf)
-    best_at = [(0, 0)] * len(classes)  # (slab start, flat index in slab)
-    for class_slabs in _lockstep(streams):
+
+    def streams(classes: list[int]) -> list[Iterator]:
+        return [_stream(lambda a, b, v=v: moved[a:b] == v, label.shape, scheme, torch_device, chunk_slices)
+                for v in classes]
+
+    # Ties between the implicit class and the best explicit one go to the larger value.
+    implicit_is_smallest = all(v > implicit for v in explicit)
+    implicit_is_largest = all(v < implicit for v in explicit)
+
+    for class_slabs in _lockstep(streams(explicit)):
         # One class slab at a time, so the extra memory is a few slabs whatever the number of classes.
         for k, (start, stop, prob) in enumerate(class_slabs):
             if k == 0:
-                z0, z1 = start, stop
-                best, total = prob.clone(), prob.clone()
-                values = torch.full(prob.shape, classes[0], dtype=value_dtype, device=torch_device)
+                z0, z1, best, total = start, stop, prob, prob.clone()
+                current = torch.full(prob.shape, explicit[0], dtype=value_dtype, device=torch_device)
             else:
-                better = prob >= best  # ascending values: a tie goes to the larger one
-                values[better] = classes[k]
+                current.masked_fill_(prob >= best, explicit[k])  # ascending: a tie goes to the larger
                 torch.maximum(best, prob, out=best)
                 total += prob
-                del better
-            _track_max(prob, k, z0, best_prob, best_at)
             del prob
         rest = total.neg_().add_(1.0)
-        _track_max(rest, len(explicit), z0, best_prob, best_at)
-        values[(rest > best) | ((rest == best) & (values < implicit))] = implicit
-        out_moved[z0:z1] = values.cpu().numpy()
-        del best, rest, values
+        if implicit_is_smallest:
+            wins = rest > best
+        elif implicit_is_largest:
+            wins = rest >= best
+        else:
+            wins = (rest > best) | ((rest == best) & (current < implicit))
+        current.masked_fill_(wins, implicit)
+        out_moved[z0:z1] = current.cpu().numpy()
+        del best, rest, current, wins
     if keep_classes:
         present = set(label_values(out)[0].tolist())
-        for k, value in enumerate(classes):
-            if value not in present:
-                z0, flat = best_at[k]
-                z, a, b = np.unravel_index(flat, out_moved.shape)  # slabs share the in-plane shape
-                out_moved[z0 + z, a, b] = value
+        for value in [v for v in explicit + [implicit] if v not in present]:
+            # Rare, so found by a second pass: the voxel where this class' probability peaks.
+            z0, flat = _class_peak(streams, explicit, value)
+            z, a, b = np.unravel_index(flat, out_moved.shape)  # slabs share the in-plane shape
+            out_moved[z0 + z, a, b] = value
     return out
 
 
@@ -452,10 +458,27 @@ def _lockstep(streams: list[Iterator]) -> Iterator[Iterator]:
         yield one_slab()
 
 
-def _track_max(prob: torch.Tensor, k: int, z0: int, best_prob: np.ndarray, best_at: list) -> None:
-    """Remember where class ``k`` reaches its highest probability (to rescue it if it vanishes)."""
-    flat = int(torch.argmax(prob))
-    value = float(prob.flatten()[flat])
-    if value > best_prob[k]:
-        best_prob[k] = value
-        best_at[k] = (z0, flat)
+def _class_peak(streams: Callable[[list[int]], list[Iterator]], explicit: list[int],
+                value: int) -> tuple[int, int]:
+    """``(slab start, flat index in the slab)`` of the highest probability of class ``value``."""
+    best, where = -np.inf, (0, 0)
+    for start, prob in _class_probabilities(streams, explicit, value):
+        flat = int(torch.argmax(prob))
+        peak = float(prob.flatten()[flat])
+        if peak > best:
+            best, where = peak, (start, flat)
+    return where
+
+
+def _class_probabilities(streams: Callable[[list[int]], list[Iterator]], explicit: list[int],
+                         value: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(slab start, probability slab)`` of one class; the implicit one is one minus the others."""
+    if value in explicit:
+        for start, _, prob in streams([value])[0]:
+            yield start, prob
+        return
+    for parts in _lockstep(streams(explicit)):
+        first, _, total = next(parts)
+        for _, _, prob in parts:
+            total += prob
+        yield first, total.neg_().add_(1.0)

@@ -75,24 +75,27 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def run_step(step: str, shape: tuple[int, int, int]) -> dict:
+def run_step(step: str, shape: tuple[int, int, int], threads: int | None) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
+    from autoseg.resampling import resample_image, resample_label
+
+    if threads:
+        torch.set_num_threads(threads)
+    if step.startswith("skimage"):
+        import scipy.ndimage  # noqa: F401  (imports are not the step's memory)
+        import skimage.transform  # noqa: F401
     raw, label = synthetic_ct(shape)
     result: dict = {"step": step, "threads": torch.get_num_threads()}
     before = _rss_mb()
     started = time.perf_counter()
     if step == "torch-image":
-        from autoseg.resampling import resample_image
-
         image = raw.astype(np.float32)[None]
         del raw, label
         result["input_mb"] = image.nbytes / 2**20
         out = resample_image(image, SPACING, TARGET, order=3)
     elif step == "torch-label":
-        from autoseg.resampling import resample_label
-
         del raw
         result["input_mb"] = label.nbytes / 2**20
         out = resample_label(label, SPACING, TARGET, order=1)
@@ -214,6 +217,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512), help="volume (z y x)")
     parser.add_argument("--skimage", action="store_true", help="also time nnU-Net's scikit-image path")
     parser.add_argument("--dataset", action="store_true", help="preprocess the example CT dataset instead")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, the core count)")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
@@ -224,7 +228,7 @@ def main() -> None:
         print(json.dumps(run_dataset_step(args.work, args.jobs)))
         return
     if args.step:
-        print(json.dumps(run_step(args.step, shape)))
+        print(json.dumps(run_step(args.step, shape, args.threads)))
         return
 
     if args.dataset:
@@ -244,7 +248,8 @@ def main() -> None:
     steps = ["torch-image", "torch-label"] + (["skimage-image", "skimage-label"] if args.skimage else [])
     print(f"volume {shape} (z, y, x) at {SPACING} mm -> {TARGET} mm, {os.cpu_count()} cores")
     for step in steps:
-        stdout = subprocess.run([sys.executable, __file__, "--step", step, "--shape", *map(str, shape)],
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        stdout = subprocess.run([sys.executable, __file__, "--step", step, "--shape", *map(str, shape), *threads],
                                 check=True, capture_output=True, text=True).stdout
         r = json.loads(stdout.strip().splitlines()[-1])
         print(f"  {step:14s} {r['seconds']:7.1f} s   peak RSS {r['peak_rss_mb']:6.0f} MB "
