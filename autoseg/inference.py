@@ -17,7 +17,9 @@
 5. **Cascade** (``3d_fullres`` with ``previous_stage`` ``3d_lowres``, when the full-resolution network
    was trained with the extra inputs): the low-resolution stage is predicted first, its label map
    resampled to the full-resolution grid and appended as one-hot channels.
-6. **Post-processing** from ``models/<config>/postprocessing.json`` (:mod:`autoseg.postprocessing`).
+6. **Post-processing** from ``models/<config>/postprocessing.json`` (:mod:`autoseg.postprocessing`):
+   the CRF step on the probabilities, the largest-component steps on the label map, both in
+   preprocessed space, where cross-validation decided them.
 7. **Export**: un-resample, un-crop and un-orient with the same torch resampling as preprocessing
    (:func:`autoseg.preprocessing.restore_to_original`) and write ``CASE<ending>`` with
    :func:`autoseg.io.write_like`: identical shape, spacing, origin and direction to the input's
@@ -109,6 +111,7 @@ __all__ = [
     "tile_starts",
     "trained_configurations",
     "trained_folds",
+    "trained_mirror_axes",
 ]
 
 

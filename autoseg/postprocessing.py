@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -248,6 +249,8 @@ def crf_refine(probabilities: torch.Tensor | np.ndarray, image: torch.Tensor | n
     self_bilateral = _self_weight(bilateral_sigmas, probs.device)
     bins: list[torch.Tensor] = []
     if image is not None and params.bilateral_weight > 0:
+        if isinstance(image, np.ndarray) and not image.flags.writeable:
+            image = np.array(image)  # a read-only memory map: torch wants its own copy
         intensity = torch.as_tensor(image).to(probs.device).float()
         if intensity.ndim == spatial + 1:
             intensity = intensity[0]
@@ -445,63 +448,83 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
 
     label_info = LabelInfo.from_labels(plan.labels)
     order = plan.regions_class_order
-    references: list[np.ndarray] = []
-    baseline: list[np.ndarray] = []
-    refined: list[np.ndarray] = []
-    for case in tqdm(cases, desc="post-processing: load", disable=not progress, leave=False):
-        reference = _load_npy(case.reference)
-        references.append(reference)
-        if use_probabilities:
-            probs = torch.from_numpy(_load_npy(case.probabilities).astype(np.float32))  # type: ignore[arg-type]
-            if probs.shape[1:] != reference.shape:
-                raise PostprocessingError(f"{case.probabilities}: shape {tuple(probs.shape)} does not match the "
-                                          f"reference {reference.shape}")
-            baseline.append(probabilities_to_label_map(probs, label_info.values, activation, order))
-            if crf:
-                image = _load_npy(case.image) if case.image is not None else None
-                better = crf_refine(probs.to(device), image, activation, params, config.spacing,
-                                    in_plane_only=config.dim == 2)
-                refined.append(probabilities_to_label_map(better, label_info.values, activation, order))
-        else:
-            prediction = _load_npy(case.prediction)
-            if prediction.shape != reference.shape:
-                raise PostprocessingError(f"{case.prediction}: shape {prediction.shape} does not match the "
-                                          f"reference {case.reference} {reference.shape}")
-            baseline.append(prediction)
 
-    def score(predictions: Sequence[np.ndarray]) -> dict[str, float]:
-        rows = [class_dice(p, r, classes, ignore_value) for p, r in zip(predictions, references)]
+    def reference_of(case: _ValidationCase) -> np.ndarray:
+        return np.load(case.reference, mmap_mode="r", allow_pickle=False)
+
+    def score(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
         return _mean_per_class(rows, classes)
 
-    steps: list[dict[str, Any]] = []
-    current = baseline
-    current_score = score(current)
-    initial_score = dict(current_score)
-    crf_decision: dict[str, Any] = {"enabled": False, "evaluated": bool(crf and use_probabilities),
-                                    "params": params.to_dict()}
-    if crf and use_probabilities:
-        candidate = score(refined)
-        accepted = _accept(current_score, candidate, tolerance)
-        steps.append(_step("crf", current_score, candidate, accepted))
-        crf_decision.update(enabled=accepted, dice_before=current_score, dice_after=candidate)
-        if accepted:
-            current, current_score = refined, candidate
+    # One case in memory at a time: the current predictions (after the steps kept so far) live in a
+    # scratch folder next to the models, so a dataset of any size fits.
+    models_dir = work.models(configuration)
+    with tempfile.TemporaryDirectory(prefix=".postprocessing_", dir=models_dir) as scratch_name:
+        scratch = Path(scratch_name)
 
-    def try_step(name: str, value: LabelValue | None) -> bool:
-        nonlocal current, current_score
-        candidate_predictions = [keep_largest_component(p, value) for p in current]
-        candidate = score(candidate_predictions)
-        accepted = _accept(current_score, candidate, tolerance)
-        steps.append(_step(name, current_score, candidate, accepted))
-        if accepted:
-            current, current_score = candidate_predictions, candidate
-        return accepted
+        def current_path(case: _ValidationCase, variant: str = "") -> Path:
+            return scratch / f"{case.case_id}{variant}.npy"
 
-    foreground = try_step("largest_component_foreground", None)
-    kept: dict[str, int | list[int]] = {}
-    for name, value in classes.items():
-        if try_step(f"largest_component:{name}", value):
-            kept[name] = value if isinstance(value, int) else list(value)
+        baseline_rows: list[dict[str, float]] = []
+        refined_rows: list[dict[str, float]] = []
+        evaluate_crf = crf and use_probabilities
+        for case in tqdm(cases, desc="post-processing: baseline", disable=not progress, leave=False):
+            reference = reference_of(case)
+            if use_probabilities:
+                probs = torch.from_numpy(_load_npy(case.probabilities).astype(np.float32))  # type: ignore[arg-type]
+                if tuple(probs.shape[1:]) != reference.shape:
+                    raise PostprocessingError(f"{case.probabilities}: shape {tuple(probs.shape)} does not match the "
+                                              f"reference {case.reference} {reference.shape}")
+                prediction = probabilities_to_label_map(probs, label_info.values, activation, order)
+                if evaluate_crf:
+                    image = np.load(case.image, mmap_mode="r", allow_pickle=False) if case.image else None
+                    better = crf_refine(probs.to(device), None if image is None else image[:1],
+                                        activation, params, config.spacing, in_plane_only=config.dim == 2)
+                    refined = probabilities_to_label_map(better, label_info.values, activation, order)
+                    refined_rows.append(class_dice(refined, reference, classes, ignore_value))
+                    np.save(current_path(case, "_crf"), refined)
+                del probs
+            else:
+                prediction = _load_npy(case.prediction)
+                if prediction.shape != reference.shape:
+                    raise PostprocessingError(f"{case.prediction}: shape {prediction.shape} does not match the "
+                                              f"reference {case.reference} {reference.shape}")
+            baseline_rows.append(class_dice(prediction, reference, classes, ignore_value))
+            np.save(current_path(case), prediction)
+
+        steps: list[dict[str, Any]] = []
+        current_score = score(baseline_rows)
+        initial_score = dict(current_score)
+        crf_decision: dict[str, Any] = {"enabled": False, "evaluated": evaluate_crf, "params": params.to_dict()}
+        if evaluate_crf:
+            candidate = score(refined_rows)
+            accepted = _accept(current_score, candidate, tolerance)
+            steps.append(_step("crf", current_score, candidate, accepted))
+            crf_decision.update(enabled=accepted, dice_before=current_score, dice_after=candidate)
+            if accepted:
+                current_score = candidate
+                for case in cases:
+                    os.replace(current_path(case, "_crf"), current_path(case))
+
+        def try_step(name: str, value: LabelValue | None) -> bool:
+            nonlocal current_score
+            rows = []
+            for case in tqdm(cases, desc=f"post-processing: {name}", disable=not progress, leave=False):
+                candidate_labels = keep_largest_component(np.load(current_path(case)), value)
+                rows.append(class_dice(candidate_labels, reference_of(case), classes, ignore_value))
+            candidate = score(rows)
+            accepted = _accept(current_score, candidate, tolerance)
+            steps.append(_step(name, current_score, candidate, accepted))
+            if accepted:
+                current_score = candidate
+                for case in cases:  # recomputed rather than kept: one case in memory at a time
+                    np.save(current_path(case), keep_largest_component(np.load(current_path(case)), value))
+            return accepted
+
+        foreground = try_step("largest_component_foreground", None)
+        kept: dict[str, int | list[int]] = {}
+        for name, value in classes.items():
+            if try_step(f"largest_component:{name}", value):
+                kept[name] = value if isinstance(value, int) else list(value)
 
     decision: dict[str, Any] = {
         "format": DECISION_FORMAT,

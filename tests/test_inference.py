@@ -358,6 +358,17 @@ def test_other_formats_and_probabilities(model_dir: Path, tmp_path: Path) -> Non
     assert np.mean(probabilities.argmax(0) == labels) > 0.97
 
 
+def test_2d_images_come_back_2d(model_dir: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    source = inputs / "cells_000_0000.png"
+    write_image(Image(case_image()[5].astype(np.uint8), (1.0, 1.0)), source)
+    (output,) = predict_folder(model_dir, inputs, tmp_path / "out", configuration="2d", progress=False)
+    assert output.name == "cells_000.png"
+    prediction = read_image(output).array
+    assert prediction.shape == (24, 20) and prediction.dtype == np.uint8
+    assert np.mean(prediction == expected_labels(read_image(source).array)) > 0.95
+
+
 def test_existing_outputs_are_skipped_unless_overwrite(model_dir: Path, inputs: Path, tmp_path: Path) -> None:
     outputs = predict_folder(model_dir, inputs, tmp_path, fast=True, progress=False)
     marker = read_image(outputs[0])
