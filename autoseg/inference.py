@@ -278,6 +278,8 @@ def sliding_window_predict(
         accumulation device.
     """
     device = torch.device(device)
+    if isinstance(image, np.ndarray) and not image.flags.writeable:
+        image = np.array(image)  # a read-only memory map: torch needs its own copy
     image = torch.as_tensor(image)
     if image.ndim not in (3, 4):
         raise ValueError(f"image must be (C, Z, Y, X) or (C, Y, X), got shape {tuple(image.shape)}")
