@@ -66,6 +66,11 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray
     return image, label
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -86,31 +91,29 @@ def run_step(step: str, shape: tuple[int, int, int], threads: int | None) -> dic
     if step.startswith("skimage"):
         import scipy.ndimage  # noqa: F401  (imports are not the step's memory)
         import skimage.transform  # noqa: F401
+    # Warm up on a tiny volume, so loading torch's kernels is not counted as the step's memory.
+    tiny = np.arange(6 * 10 * 10, dtype=np.uint8).reshape(6, 10, 10) % 4
+    resample_image(tiny[None].astype(np.float32), SPACING, TARGET, order=3)
+    resample_label(tiny, SPACING, TARGET, order=1)
     raw, label = synthetic_ct(shape)
-    result: dict = {"step": step, "threads": torch.get_num_threads()}
-    before = _rss_mb()
-    started = time.perf_counter()
-    if step == "torch-image":
-        image = raw.astype(np.float32)[None]
-        del raw, label
-        result["input_mb"] = image.nbytes / 2**20
-        out = resample_image(image, SPACING, TARGET, order=3)
-    elif step == "torch-label":
-        del raw
-        result["input_mb"] = label.nbytes / 2**20
-        out = resample_label(label, SPACING, TARGET, order=1)
-    elif step == "skimage-image":
-        image = raw.astype(np.float32)
-        del raw, label
-        result["input_mb"] = image.nbytes / 2**20
-        out = _nnunet_like(image, is_seg=False)
-    elif step == "skimage-label":
-        del raw
-        result["input_mb"] = label.nbytes / 2**20
-        out = _nnunet_like(label, is_seg=True)
+    if step.endswith("image"):
+        data = raw.astype(np.float32)[None]  # what load_case gives: float32 (C, Z, Y, X)
+    elif step.endswith("label"):
+        data = label
     else:
         raise ValueError(step)
+    del raw, label
+    run = {"torch-image": lambda: resample_image(data, SPACING, TARGET, order=3),
+           "torch-label": lambda: resample_label(data, SPACING, TARGET, order=1),
+           "skimage-image": lambda: _nnunet_like(data[0], is_seg=False),
+           "skimage-label": lambda: _nnunet_like(data, is_seg=True)}[step]
+    result: dict = {"step": step, "threads": torch.get_num_threads(), "input_mb": data.nbytes / 2**20}
+    before = _rss_mb()
+    cpu_before = _cpu_seconds()
+    started = time.perf_counter()
+    out = run()
     result["seconds"] = time.perf_counter() - started
+    result["cpu_seconds"] = _cpu_seconds() - cpu_before
     result["output_shape"] = list(out.shape[-3:])
     result["output_mb"] = out.nbytes / 2**20
     result["peak_rss_mb"] = _peak_mb()
@@ -143,18 +146,22 @@ def _nnunet_like(volume: np.ndarray, is_seg: bool) -> np.ndarray:
     return map_coordinates(slices, coords, order=0, mode="nearest")
 
 
-def _tree_rss_mb(root: int) -> float:
-    """Resident memory of a process and all its descendants, from /proc."""
+def _tree_usage(root: int, cpu: dict[int, float]) -> float:
+    """Resident MB of a process and all its descendants, from /proc; records each one's CPU seconds."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    times: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            pid = int(entry)
+            parents[pid] = int(fields[1])
+            rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            times[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
         except (OSError, IndexError, ValueError):
             continue
     tree, frontier = {root}, [root]
@@ -163,19 +170,23 @@ def _tree_rss_mb(root: int) -> float:
         children = [p for p, pp in parents.items() if pp == parent and p not in tree]
         tree.update(children)
         frontier.extend(children)
+    for pid in tree:
+        if pid in times:
+            cpu[pid] = max(cpu.get(pid, 0.0), times[pid])
     return sum(rss.get(p, 0) for p in tree) / 2**20
 
 
-def _run_measured(command: list[str]) -> tuple[str, float, float]:
-    """Run a command, sampling the memory of its process tree; (stdout, seconds, peak MB)."""
+def _run_measured(command: list[str]) -> tuple[str, float, float, float]:
+    """Run a command, sampling its process tree; (stdout, seconds, peak MB, CPU seconds)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = [0.0]
+    cpu: dict[int, float] = {}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss_mb(process.pid))
+            peak[0] = max(peak[0], _tree_usage(process.pid, cpu))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -185,7 +196,7 @@ def _run_measured(command: list[str]) -> tuple[str, float, float]:
     sampler.join()
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
-    return stdout, time.perf_counter() - started, peak[0]
+    return stdout, time.perf_counter() - started, peak[0], sum(cpu.values())
 
 
 def run_dataset_step(work: str, n_jobs: int) -> dict:
@@ -234,27 +245,30 @@ def main() -> None:
     if args.dataset:
         with tempfile.TemporaryDirectory() as tmp:
             work = prepare_dataset(Path(tmp))
-            print(f"example CT dataset, 3d_fullres, {os.cpu_count()} cores")
+            print(f"example CT dataset, 3d_fullres, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
             for jobs in (1, 2):
-                stdout, wall, peak = _run_measured([sys.executable, __file__, "--step", "dataset",
+                stdout, wall, peak, cpu = _run_measured([sys.executable, __file__, "--step", "dataset",
                                                     "--work", str(work), "--jobs", str(jobs)])
                 result = json.loads(stdout.strip().splitlines()[-1])
                 print(f"  -j {jobs}: {result['cases']} cases in {result['seconds']:.1f} s = "
                       f"{result['cases'] / result['seconds']:.2f} cases/s; peak memory (process tree) "
-                      f"{peak:.0f} MB; stored {result['stored_bytes'] / 2**20:.1f} MB vs raw "
+                      f"{peak:.0f} MB; CPU {cpu:.1f} s (whole run, imports included); stored {result['stored_bytes'] / 2**20:.1f} MB vs raw "
                       f"{result['raw_bytes'] / 2**20:.1f} MB ({result['stored_bytes'] / result['raw_bytes']:.1f}x)")
         return
 
     steps = ["torch-image", "torch-label"] + (["skimage-image", "skimage-label"] if args.skimage else [])
-    print(f"volume {shape} (z, y, x) at {SPACING} mm -> {TARGET} mm, {os.cpu_count()} cores")
+    print(f"volume {shape} (z, y, x) at {SPACING} mm -> {TARGET} mm, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
     for step in steps:
         threads = ["--threads", str(args.threads)] if args.threads else []
         stdout = subprocess.run([sys.executable, __file__, "--step", step, "--shape", *map(str, shape), *threads],
                                 check=True, capture_output=True, text=True).stdout
         r = json.loads(stdout.strip().splitlines()[-1])
-        print(f"  {step:14s} {r['seconds']:7.1f} s   peak RSS {r['peak_rss_mb']:6.0f} MB "
-              f"(input {r['input_mb']:.0f} MB, output {r['output_mb']:.0f} MB {tuple(r['output_shape'])}, "
-              f"RSS before the step {r['rss_before_mb']:.0f} MB, torch threads {r['threads']})")
+        print(f"  {step:14s} {r['seconds']:6.1f} s ({r['cpu_seconds']:5.1f} CPU s)  peak RSS {r['peak_rss_mb']:5.0f} MB"
+              f" = before {r['rss_before_mb']:4.0f} (input {r['input_mb']:3.0f} + libraries)"
+              f" + output {r['output_mb']:3.0f} + at most "
+              f"{r['peak_rss_mb'] - r['rss_before_mb'] - r['output_mb']:4.0f} MB working memory; torch threads "
+              f"{r['threads']}")
 
 
 if __name__ == "__main__":
