@@ -136,6 +136,12 @@ class PreprocessSummary:
     stored_bytes: int = 0
     seconds: float = 0.0
 
+    def __str__(self) -> str:
+        ratio = f", {self.stored_bytes / self.raw_bytes:.1f}x" if self.raw_bytes else ""
+        return (f"{len(self.processed)} case(s) preprocessed, {len(self.skipped)} already done, "
+                f"{len(self.failed)} failed in {self.seconds:.1f} s -> {self.output_dir} "
+                f"({self.stored_bytes / 2**20:.1f} MB on disk, raw {self.raw_bytes / 2**20:.1f} MB{ratio})")
+
 
 # --- per-case steps -------------------------------------------------------------------------------
 
@@ -602,8 +608,9 @@ def _run_cases(cases: Sequence[CaseFiles], plan: Plan, configuration: str, folde
     from tqdm.auto import tqdm
 
     workers = max(1, min(n_jobs, len(cases)))
-    # Workers share the cores; each gets its slice so n_jobs x threads does not oversubscribe.
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    # Workers share the cores; each gets its slice so n_jobs x threads does not oversubscribe (and a
+    # limit the caller set, e.g. OMP_NUM_THREADS, is kept).
+    threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
     plan_data = plan_to_dict(plan)
     tasks = (delayed(_preprocess_one)(case, plan_data, configuration, str(folder), threads, device)
              for case in cases)

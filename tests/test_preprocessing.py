@@ -503,3 +503,41 @@ def test_dataset_location_comes_from_the_fingerprint_or_the_argument(work, tmp_p
         preprocess_dataset(work_dir, n_jobs=1, progress=False)
     summaries = preprocess_dataset(work_dir, ["2d"], n_jobs=1, dataset_dir=dataset, progress=False)
     assert list(summaries) == ["2d"] and len(summaries["2d"].processed) == 4
+
+
+def test_summary_reads_well(work):
+    work_dir, _, _ = work
+    summary = preprocess_dataset(work_dir, ["2d"], n_jobs=1, progress=False)["2d"]
+    text = str(summary)
+    assert text.startswith("4 case(s) preprocessed, 0 already done, 0 failed in ")
+    assert str(work_dir / "preprocessed" / "2d") in text and "MB on disk" in text
+
+
+def test_end_to_end_with_the_planner_on_the_example_ct(tmp_path):
+    """make_example -> fingerprint -> make_plan (CT priors) -> preprocess_dataset -> stored cases."""
+    examples = pytest.importorskip("autoseg.examples")
+    fingerprint_module = pytest.importorskip("autoseg.fingerprint")
+    planning = pytest.importorskip("autoseg.planning")
+    dataset = examples.make_example(tmp_path / "raw", kind="ct", num_cases=3, seed=0)
+    work_dir = tmp_path / "work"
+    fingerprint, _ = fingerprint_module.load_or_compute_fingerprint(dataset, work_dir, n_jobs=1, progress=False)
+    plan = planning.make_plan(fingerprint, dataset, configurations=["3d_fullres"], ct_priors=True)
+    save_plan(plan, work_dir / "plan.json")
+    summary = preprocess_dataset(work_dir, n_jobs=1, progress=False)["3d_fullres"]
+    assert len(summary.processed) == 3 and summary.stored_bytes > summary.raw_bytes
+    config = plan.configuration("3d_fullres")
+    ct = config.normalization[0]
+    low, high = (ct.clip_low - ct.mean) / ct.std, (ct.clip_high - ct.mean) / ct.std
+    for files in training_cases(dataset):
+        image, seg, props = load_preprocessed_case(summary.output_dir, files.case_id)
+        assert image.shape[0] == 1 + len(config.ct_priors) == config.topology.in_channels
+        assert low - 1e-5 <= image[0].min() and image[0].max() <= high + 1e-5  # clipped per the plan
+        assert 0 <= image[1:].min() and image[1:].max() <= 1  # soft masks
+        assert props["spacing_after_resampling"] == pytest.approx(list(config.spacing))
+        original = read_image(files.label).array
+        restored = restore_to_original(np.asarray(seg), props, "label")
+        assert restored.shape == original.shape
+        for value in np.unique(original)[1:]:
+            assert _dice(restored == value, original == value) > 0.85  # small lesions lose most
+        for value, points in props["class_locations"].items():
+            assert all(seg[tuple(p)] == int(value) for p in points[:50])
