@@ -618,7 +618,11 @@ def _run_cases(cases: Sequence[CaseFiles], plan: Plan, configuration: str, folde
     bar = tqdm(total=len(cases), desc=f"preprocess {configuration}", unit="case", disable=not progress)
     with bar:
         # One case per task and unordered results: a worker holds one case at a time.
-        for case_id, error in Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")(tasks):
+        try:
+            runner = Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
+        except ValueError:  # joblib < 1.4 has no unordered generator
+            runner = Parallel(n_jobs=workers, backend="loky", return_as="generator")
+        for case_id, error in runner(tasks):
             results[case_id] = error
             bar.update(1)
     return results

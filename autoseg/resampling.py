@@ -402,7 +402,9 @@ def resample_label(label: np.ndarray, current_spacing: Sequence[float],
     # The most frequent class is implicit: its probability is 1 - sum(others), since weights sum to 1.
     implicit = int(values[np.argmax(counts)])
     explicit = [int(v) for v in values if v != implicit]
-    value_dtype = torch.from_numpy(np.zeros(1, dtype=label.dtype)).dtype
+    # Compute in the label's own integer type where torch has it (memory), else in int64.
+    native = label.dtype in (np.int8, np.uint8, np.int16, np.int32, np.int64)
+    value_dtype = torch.from_numpy(np.zeros(1, dtype=label.dtype if native else np.int64)).dtype
 
     def streams(classes: list[int]) -> list[Iterator]:
         return [_stream(lambda a, b, v=v: moved[a:b] == v, label.shape, scheme, torch_device, chunk_slices)
@@ -431,7 +433,7 @@ def resample_label(label: np.ndarray, current_spacing: Sequence[float],
         else:
             wins = (rest > best) | ((rest == best) & (current < implicit))
         current.masked_fill_(wins, implicit)
-        out_moved[z0:z1] = current.cpu().numpy()
+        out_moved[z0:z1] = current.cpu().numpy().astype(label.dtype, copy=False)
         del best, rest, current, wins
     if keep_classes:
         present = set(label_values(out)[0].tolist())

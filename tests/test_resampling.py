@@ -195,6 +195,15 @@ def test_label_with_negative_values_and_single_value():
     assert np.all(resample_label(np.full((4, 4, 4), 3, np.int16), (1, 1, 1), new_shape=(2, 5, 7)) == 3)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64])
+def test_label_dtypes_are_kept(dtype):
+    label = np.zeros((6, 8, 8), dtype=dtype)
+    label[1:5, 2:7, 2:7] = 200
+    label[2:4, 3:5, 3:5] = 3
+    out = resample_label(label, (1, 1, 1), new_shape=(9, 5, 11))
+    assert out.dtype == dtype and set(np.unique(out)) == {0, 3, 200}
+
+
 def test_label_values_counts():
     label = np.array([[[0, 0, 5], [5, 5, -1]]], dtype=np.int16)
     values, counts = label_values(label)
