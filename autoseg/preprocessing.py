@@ -68,7 +68,6 @@ from autoseg.orientation import (
     canonical_shape,
     canonical_spacing,
     canonical_transform,
-    from_canonical,
     to_canonical,
 )
 from autoseg.plan import (
@@ -424,6 +423,12 @@ def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["labe
     spacing_from = properties["spacing_after_resampling"]
     spacing_to = properties["spacing_canonical"]
     crop = _box_slices(properties["crop_bbox"])
+    transform = properties["orientation"]
+    # The result is allocated in the original orientation and filled through its canonical view,
+    # so un-orienting costs no copy.
+    original_shape = [0, 0, 0]
+    for canonical_axis, original_axis in enumerate(transform["axes"]):
+        original_shape[original_axis] = int(full_shape[canonical_axis])
     if kind == "label":
         if array.shape != shape_resampled:
             raise ValueError(f"case {properties['case_id']}: label of shape {array.shape}, expected the "
@@ -434,27 +439,25 @@ def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["labe
             array = np.maximum(array, 0)
         order = options["label_order"] if order is None else order
         restored = resample_label(array, spacing_from, spacing_to, order=order, **common)
-        full = np.full(full_shape, 0 if fill is None else fill, dtype=restored.dtype)
-        full[crop] = restored
+        out = np.full(original_shape, 0 if fill is None else fill, dtype=restored.dtype)
+        to_canonical(out, transform)[crop] = restored
+        del restored
     elif kind == "probabilities":
         if array.ndim != 4 or array.shape[1:] != shape_resampled:
             raise ValueError(f"case {properties['case_id']}: probabilities of shape {array.shape}, "
                              f"expected (K, *{shape_resampled})")
-        restored = resample_probabilities(array, spacing_from, spacing_to, order=1 if order is None else order,
-                                          **common)
         channels = array.shape[0]
         if fill is None:
             fill_values = np.zeros(channels, dtype=np.float32)
             fill_values[0] = 1.0
         else:
             fill_values = np.broadcast_to(np.asarray(fill, dtype=np.float32), (channels,))
-        full = np.empty((channels, *full_shape), dtype=np.float32)
-        full[...] = fill_values[:, None, None, None]
-        full[(slice(None), *crop)] = restored
+        out = np.empty((channels, *original_shape), dtype=np.float32)
+        out[...] = fill_values[:, None, None, None]
+        resample_probabilities(array, spacing_from, spacing_to, order=1 if order is None else order,
+                               out=to_canonical(out, transform)[(slice(None), *crop)], **common)
     else:
         raise ValueError(f"kind must be 'label' or 'probabilities', got {kind!r}")
-    del restored
-    out = np.ascontiguousarray(from_canonical(full, properties["orientation"]))
     if properties.get("is_2d"):
         out = out[..., 0, :, :]
     return out
