@@ -13,7 +13,7 @@ from test_training_support import cube_cases, make_work, tiny_plan
 
 import autoseg.training.loop as loop
 from autoseg.plan import load_plan
-from autoseg.training import TrainingError, TrainOverrides, poly_lr, train
+from autoseg.training import TrainingError, TrainOverrides, monitor, poly_lr, train
 from autoseg.training.checkpoint import CheckpointError, load_checkpoint
 from autoseg.training.monitor import read_log
 
@@ -72,26 +72,31 @@ def _copy_work(finished: Path, destination: Path) -> Path:
     return destination
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(finished_run: Path, tmp_path: Path,
-                                                                  monkeypatch) -> None:
+@pytest.mark.parametrize("module, where, call, position", [
+    (loop, "_train_step", 6, (1, 1)),  # Ctrl-C in epoch 1, after its first iteration
+    (monitor, "confusion_counts", 2, (1, 4)),  # Ctrl-C in epoch 1's validation, a batch already drawn
+])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(finished_run: Path, tmp_path: Path, monkeypatch,
+                                                                  module, where: str, call: int,
+                                                                  position: tuple[int, int]) -> None:
     work = make_work(tmp_path / "work", tiny_plan(**RESUME_PLAN), cube_cases(4))
-    real_step = loop._train_step
+    real = getattr(module, where)
     calls = {"n": 0}
 
-    def ctrl_c_at_step_six(run, batch):
+    def ctrl_c(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:  # epoch 1, after its first iteration
+        if calls["n"] == call:
             raise KeyboardInterrupt
-        return real_step(run, batch)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_train_step", ctrl_c_at_step_six)
+    monkeypatch.setattr(module, where, ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         train(work, "3d_fullres", 0, **FAST)
     fold_dir = work / "models" / "3d_fullres" / "fold_0"
     interrupted = load_checkpoint(fold_dir / "checkpoint_latest.pt")["progress"]
-    assert (interrupted["epoch"], interrupted["iteration"]) == (1, 1)
+    assert (interrupted["epoch"], interrupted["iteration"]) == position
 
-    monkeypatch.setattr(loop, "_train_step", real_step)
+    monkeypatch.setattr(module, where, real)
     train(work, "3d_fullres", 0, resume=True, **FAST)
 
     expected = _weights(finished_run / "models" / "3d_fullres" / "fold_0")

@@ -334,7 +334,9 @@ def _fold_cases(context: DistributedContext, work: WorkDir, name: str, fold: int
 
 
 def _load_pretrained(path: Path) -> dict[str, Any]:
-    file = path if path.is_file() else path / CHECKPOINT_LATEST
+    file = path
+    if path.is_dir():
+        file = path / CHECKPOINT_LATEST if (path / CHECKPOINT_LATEST).exists() else path / CHECKPOINT_BEST
     state = load_checkpoint(file)
     if "topology" not in state:
         raise TrainingError(f"{file}: the checkpoint records no topology, so it cannot be fine-tuned from")
@@ -384,7 +386,7 @@ def _fit(run: _Run, workers: int, show_progress: bool) -> bool:
             while progress.epoch < schedule.epochs:
                 _train_epoch(run, train_stream, iterations, show_progress)
                 entry = _validate_epoch(run, val_stream, val_iterations)
-                _finish_epoch(run, entry)
+                _finish_epoch(run, entry, show_progress)
     except KeyboardInterrupt:
         # Only the optimizer step changes the weights: outside it they match the iteration count.
         if context.is_main and not run.in_optimizer_step:
@@ -478,13 +480,14 @@ def _validate_epoch(run: _Run, stream: BatchStream, iterations: int) -> dict[str
     loss_sum = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of losses, batches)
     for _ in range(iterations):
         data, target = _to_device(next(stream), run.device)
-        run.progress.val_batches += 1
         with torch.autocast(run.device.type, enabled=run.device.type == "cuda"):
             output = run.model(data)
         if isinstance(output, (list, tuple)):
             output = output[0]
         loss_sum += torch.tensor([float(run.loss(output, target)), 1.0], dtype=torch.float64, device=run.device)
         counts += monitor.confusion_counts(output, target, run.label_info)
+    # Counted only now: an epoch interrupted during validation redraws the same validation batches.
+    run.progress.val_batches += iterations
     all_reduce_sum(counts, run.context)
     all_reduce_sum(loss_sum, run.context)
     dice = monitor.pseudo_dice(counts.cpu(), run.label_info) if iterations else {}
@@ -492,7 +495,17 @@ def _validate_epoch(run: _Run, stream: BatchStream, iterations: int) -> dict[str
             "validation_time": time.perf_counter() - started}
 
 
-def _finish_epoch(run: _Run, validation: dict[str, Any]) -> None:
+def _epoch_line(entry: dict[str, Any], epochs: int) -> str:
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    dice = ", ".join(f"{k} {number(v)}" for k, v in entry["pseudo_dice"].items())
+    return (f"epoch {entry['epoch'] + 1}/{epochs}: train loss {number(entry['train_loss'])}, validation loss "
+            f"{number(entry['val_loss'])}, pseudo-Dice [{dice}] (EMA {number(entry['ema_pseudo_dice'])}), "
+            f"lr {entry['lr']:.2e}, {entry['epoch_time']:.1f} s ({entry['data_time']:.1f} s waiting for data)")
+
+
+def _finish_epoch(run: _Run, validation: dict[str, Any], show_progress: bool) -> None:
     progress, schedule, context = run.progress, run.schedule, run.context
     train_loss = torch.tensor([sum(progress.epoch_losses), len(progress.epoch_losses)], dtype=torch.float64,
                               device=run.device)
@@ -523,6 +536,8 @@ def _finish_epoch(run: _Run, validation: dict[str, Any]) -> None:
     progress.epoch_elapsed = 0.0
     if not context.is_main:
         return
+    if show_progress:
+        tqdm.write(_epoch_line(entry, schedule.epochs))
     monitor.write_log(run.fold_dir / LOG_FILE, progress.log)
     monitor.plot_progress(run.fold_dir / PROGRESS_FILE, progress.log)
     if improved:
