@@ -248,7 +248,7 @@ def test_chunked_volume_scans_give_the_same_results(monkeypatch):
     chunked = run()
     assert chunked[0] == whole[0]
     np.testing.assert_allclose(chunked[1], whole[1], atol=1e-6)
-    np.testing.assert_array_equal(chunked[2], whole[2])
+    np.testing.assert_allclose(chunked[2], whole[2], rtol=1e-6, atol=1e-7)  # SIMD tails differ by an ulp
 
 
 def test_ct_case_clip_zscore_priors_and_seg_marker():
