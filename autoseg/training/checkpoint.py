@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autoseg.training.errors import TrainingError
 from autoseg.utils import atomic_write
 
 CHECKPOINT_LATEST = "checkpoint_latest.pt"
@@ -27,7 +28,7 @@ CHECKPOINT_BEST = "checkpoint_best.pt"
 CHECKPOINT_FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TrainingError):
     """A checkpoint is missing, unreadable or not an autoseg checkpoint."""
 
 

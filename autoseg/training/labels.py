@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoseg.training.errors import TrainingError
+
 IGNORE_INDEX = -1
 _UNDECLARED = -2
 
 
-class LabelError(ValueError):
+class LabelError(TrainingError):
     """A label value that the dataset does not declare, or labels that do not fit the network."""
 
 

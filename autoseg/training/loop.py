@@ -74,6 +74,7 @@ from autoseg.training.distributed import (
     setup_distributed,
     wrap_model,
 )
+from autoseg.training.errors import TrainingError
 from autoseg.training.labels import LabelInfo
 from autoseg.training.losses import build_loss
 from autoseg.training.splits import fold_cases, load_or_create_splits
@@ -90,10 +91,6 @@ VALIDATION_DIR = "validation"
 
 _SCHEDULE = TypeAdapter(Schedule)
 _TOPOLOGY = TypeAdapter(Topology)
-
-
-class TrainingError(ValueError):
-    """Training cannot start as asked (the message says why and what to do)."""
 
 
 @dataclass(frozen=True)

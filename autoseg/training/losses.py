@@ -34,6 +34,7 @@ from scipy import ndimage
 from torch import nn
 
 from autoseg.plan import Schedule, Topology
+from autoseg.training.errors import TrainingError
 from autoseg.training.labels import IGNORE_INDEX, LabelInfo
 
 LOSS_NAMES = ("dice_ce", "dice", "ce", "focal", "dice_focal")
@@ -50,7 +51,7 @@ DEFAULT_SMOOTH = 1e-5
 DEFAULT_FOCAL_GAMMA = 2.0
 
 
-class LossConfigError(ValueError):
+class LossConfigError(TrainingError):
     """An unknown loss name or loss option."""
 
 

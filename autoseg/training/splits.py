@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.training.errors import TrainingError
 from autoseg.utils import atomic_write_json, read_json
 
 DEFAULT_FOLDS = 5
@@ -21,7 +22,7 @@ DEFAULT_SEED = 12345
 Split = dict[str, list[str]]
 
 
-class SplitError(ValueError):
+class SplitError(TrainingError):
     """Cross-validation is impossible, or ``splits.json`` does not fit the dataset."""
 
 
