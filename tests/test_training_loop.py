@@ -37,7 +37,7 @@ def test_learns_an_easy_class(tmp_path: Path) -> None:
     fold_dir = train(work, "3d_fullres", 0, workers=1, progress=False, num_threads=1)
 
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
-    assert summary["mean"]["cube"]["dice"]["mean"] >= 0.9
+    assert summary["summary"]["cube"]["dice"]["mean"] >= 0.9
     assert len(summary["cases"]) == 2 and {r["case"] for r in summary["per_case"]} == set(summary["cases"])
     log = read_log(fold_dir / "training_log.jsonl")
     assert [e["epoch"] for e in log] == list(range(8))
@@ -187,6 +187,6 @@ def test_2d_regions_with_an_ignore_label(tmp_path: Path) -> None:
     log = read_log(fold_dir / "training_log.jsonl")
     assert set(log[-1]["pseudo_dice"]) == {"whole", "core"}
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
-    assert set(summary["mean"]) == {"whole", "core"}
+    assert set(summary["summary"]) == {"whole", "core"}
     prediction = np.load(fold_dir / "validation" / f"{summary['cases'][0]}.npy")
     assert prediction.shape == (4, 24, 24) and set(np.unique(prediction)) <= {0, 1, 2}

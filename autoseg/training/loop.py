@@ -245,7 +245,11 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
     work = WorkDir(work_dir)
     plan = load_plan(work.plan)
     configuration = plan.configuration(name)
-    fold = "all" if str(fold) == "all" else int(fold)
+    if str(fold) != "all":
+        try:
+            fold = int(fold)
+        except ValueError:
+            raise TrainingError(f"fold must be a fold number or 'all', got {fold!r}") from None
     fold_dir = work.fold(name, fold)
     latest = fold_dir / CHECKPOINT_LATEST
 

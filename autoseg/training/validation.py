@@ -59,7 +59,10 @@ def predict_and_score(network: nn.Module, configuration: Configuration, dataset:
 def summarize_validation(dataset: PreprocessedDataset, case_ids: Sequence[str], labels: dict[str, Any],
                          spacing: Sequence[float], output_dir: str | os.PathLike,
                          ignore_value: int | None = None) -> dict[str, Any]:
-    """Score the predictions in ``output_dir`` against the preprocessed labels; write ``summary.json``."""
+    """Score the predictions in ``output_dir`` against the preprocessed labels; write ``summary.json``.
+
+    ``spacing`` is used for cases whose sidecar lacks ``spacing_after_resampling``.
+    """
     output_dir = Path(output_dir)
     selected = evaluation.select_labels(labels, ignore_label=ignore_value)
     rows = []
@@ -67,16 +70,16 @@ def summarize_validation(dataset: PreprocessedDataset, case_ids: Sequence[str], 
         prediction = np.load(output_dir / f"{case_id}.npy", allow_pickle=False)
         _, reference = dataset.load(case_id)
         reference = np.where(np.asarray(reference) < 0, 0, reference)  # -1: background outside the mask
-        case_spacing = tuple(spacing)
+        # the case's own grid spacing when preprocessing recorded it (2D cases keep their z spacing)
+        case_spacing = tuple(dataset.properties(case_id).get("spacing_after_resampling", spacing))
         if reference.shape[0] == 1:  # a 2D case: its metrics are 2D (z has no neighbours to border)
             prediction, reference, case_spacing = prediction[0], reference[0], case_spacing[1:]
         rows += evaluation.evaluate_case(prediction, reference, case_spacing, selected, case_id,
                                          ignore_label=ignore_value)
     summary = {
         "space": "preprocessed (resampled and cropped) grid",
-        "spacing": list(spacing),
         "cases": list(case_ids),
-        "mean": evaluation.summarize(rows),
+        "summary": evaluation.summarize(rows),  # per label and metric: mean, median, std, counts
         "per_case": rows,
         "metric_definitions": evaluation.METRIC_DEFINITIONS,
     }
