@@ -192,11 +192,18 @@ def ct_prior_channels(hu: np.ndarray, windows: Sequence[IntensityWindow],
     step = max(1, _CHUNK // max(1, hu[0].size)) if hu.ndim > 1 else hu.shape[0]
     for start in range(0, hu.shape[0], step):  # slabs: temporaries stay small
         values = torch.from_numpy(np.ascontiguousarray(hu[start: start + step], dtype=np.float32))
+        upper = torch.empty_like(values)
         for k, window in enumerate(windows):
-            soft = ((values - window.low) / scale).sigmoid_()  # torch: vectorized, unlike scipy's expit
+            target = out[k, start: start + step]
+            # Computed in place in the output where it is contiguous (it is, for preprocess_case's).
+            direct = target.flags.c_contiguous and target.dtype == np.float32
+            soft = torch.from_numpy(target) if direct else torch.empty_like(values)
+            torch.sub(values, window.low, out=soft).mul_(1.0 / scale).sigmoid_()  # torch's is vectorized
             if window.high is not None:
-                soft.mul_(((window.high - values) / scale).sigmoid_())
-            out[k, start: start + step] = soft.numpy()
+                torch.sub(values, window.high, out=upper).mul_(-1.0 / scale).sigmoid_()
+                soft.mul_(upper)
+            if not direct:
+                target[...] = soft.numpy()
     return out
 
 
