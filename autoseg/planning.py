@@ -142,13 +142,15 @@ CT_PRIOR_WINDOWS = (
 
 @dataclass(frozen=True)
 class Preset:
-    """A named architecture size: residual encoder blocks per stage and its memory budget."""
+    """A named architecture size: blocks and features per stage and its memory budget."""
 
     arch: str
     gpu_memory_gb: float
     blocks_encoder: tuple[int, ...]
     blocks_decoder: tuple[int, ...]
     max_dataset_fraction: float
+    base_features: int = 32
+    max_features: tuple[int, int] = (512, 320)  # (2D, 3D)
 
 
 _RESENC_ENCODER = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
@@ -159,6 +161,11 @@ PRESETS = {
     "resenc-m": Preset("resenc", 8.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
     "resenc-l": Preset("resenc", 24.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
     "resenc-xl": Preset("resenc", 40.0, _RESENC_ENCODER, _RESENC_DECODER, 1.0),
+    # For machines without a GPU: a plain U-Net with a quarter of the features (about 1/16 of the
+    # arithmetic per voxel) and a 2 GB activation budget, so an iteration takes about a second on
+    # a few CPU cores instead of a minute. Quality is lower than the GPU plans; it exists so that
+    # CPU users (and the demo) can train something useful in minutes.
+    "cpu": Preset("unet", 2.0, (2,) * 14, (2,) * 13, 0.05, base_features=8, max_features=(128, 128)),
 }
 DEFAULT_BLOCKS = ((2,) * 14, (2,) * 13)
 
@@ -286,9 +293,11 @@ def pool_and_conv_props(spacing: Sequence[float], patch: Sequence[float], min_ed
     return PoolConvProps(tuple(strides), tuple(kernels), tuple(num_pool), divisible, padded)
 
 
-def features_per_stage(num_stages: int, dim: int, base: int = BASE_FEATURES) -> tuple[int, ...]:
-    """Features per stage: ``base`` doubling per stage, capped at 320 (3D) / 512 (2D)."""
-    return tuple(min(MAX_FEATURES[dim], base * 2**i) for i in range(num_stages))
+def features_per_stage(num_stages: int, dim: int, base: int = BASE_FEATURES,
+                       cap: int | None = None) -> tuple[int, ...]:
+    """Features per stage: ``base`` doubling per stage, capped at ``cap`` (default 320 in 3D, 512 in 2D)."""
+    cap = MAX_FEATURES[dim] if cap is None else cap
+    return tuple(min(cap, base * 2**i) for i in range(num_stages))
 
 
 def _blocks(table: Sequence[int], n: int) -> tuple[int, ...]:
@@ -298,12 +307,14 @@ def _blocks(table: Sequence[int], n: int) -> tuple[int, ...]:
 def build_topology(props: PoolConvProps, arch: str, in_channels: int, num_classes: int,
                    blocks_encoder: Sequence[int] = DEFAULT_BLOCKS[0],
                    blocks_decoder: Sequence[int] = DEFAULT_BLOCKS[1],
-                   options: dict[str, Any] | None = None) -> Topology:
+                   options: dict[str, Any] | None = None, base_features: int = BASE_FEATURES,
+                   max_features: int | None = None) -> Topology:
     """The :class:`Topology` for pooling properties (features doubling from 32, deep supervision on)."""
     n = props.num_stages
     dim = len(props.patch_size)
     return Topology(arch=arch, dim=dim, in_channels=in_channels, num_classes=num_classes,
-                    features_per_stage=features_per_stage(n, dim), kernel_sizes=props.kernel_sizes,
+                    features_per_stage=features_per_stage(n, dim, base_features, max_features),
+                    kernel_sizes=props.kernel_sizes,
                     strides=props.strides, n_conv_per_stage=_blocks(blocks_encoder, n),
                     n_conv_per_stage_decoder=_blocks(blocks_decoder, n - 1), deep_supervision=True,
                     options=dict(options or {}))
@@ -572,20 +583,26 @@ class _Context:
     num_cases: int
     normalization: tuple[ChannelNormalization, ...]
     ct_priors: tuple[IntensityWindow, ...]
+    base_features: int = BASE_FEATURES
+    max_features: tuple[int, int] = (MAX_FEATURES[2], MAX_FEATURES[3])
     decisions: list[Decision] = field(default_factory=list)
     _budget_cache: dict[int, float] = field(default_factory=dict)
     _cost_cache: dict[tuple, float] = field(default_factory=dict)
 
     @property
     def uses_proxy(self) -> bool:
-        return self.arch == "unet" and self.blocks_encoder == DEFAULT_BLOCKS[0]
+        return (self.arch == "unet" and self.blocks_encoder == DEFAULT_BLOCKS[0]
+                and self.base_features == BASE_FEATURES
+                and self.max_features == (MAX_FEATURES[2], MAX_FEATURES[3]))
 
     def note(self, configuration: str, key: str, value: object, reason: str) -> None:
         self.decisions.append(Decision(configuration=configuration, key=key, value=_fmt(value), reason=reason))
 
     def topology(self, props: PoolConvProps) -> Topology:
+        dim = len(props.patch_size)
         return build_topology(props, self.arch, self.in_channels, self.num_classes,
-                              self.blocks_encoder, self.blocks_decoder)
+                              self.blocks_encoder, self.blocks_decoder, base_features=self.base_features,
+                              max_features=self.max_features[dim - 2])
 
     def budget_bytes(self, dim: int) -> float:
         if dim not in self._budget_cache:
@@ -674,7 +691,8 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     note(name, "kernel_sizes", topology.kernel_sizes,
          "kernel 1 along an axis until its spacing is within 2x of the finest, then 3")
     note(name, "features_per_stage", ", ".join(str(f) for f in topology.features_per_stage),
-         f"{BASE_FEATURES} doubling per stage, capped at {MAX_FEATURES[dim]}; {topology.num_stages} stages with "
+         f"{ctx.base_features} doubling per stage, capped at {ctx.max_features[dim - 2]}; {topology.num_stages} "
+         "stages with "
          f"{', '.join(str(n) for n in topology.n_conv_per_stage)} block(s) per encoder stage")
     note(name, "estimated_memory_gb", round(estimated_gb, 3), memory_reason)
     note(name, "resampling", "image order 3, label order 1",
@@ -822,6 +840,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
             raise PlanError(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGURATION_NAMES)}")
     blocks = DEFAULT_BLOCKS
     max_fraction = MAX_DATASET_FRACTION
+    base_features, max_features = BASE_FEATURES, (MAX_FEATURES[2], MAX_FEATURES[3])
     if preset is not None:
         if preset not in PRESETS:
             raise PlanError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -831,6 +850,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
         arch = chosen.arch
         blocks = (chosen.blocks_encoder, chosen.blocks_decoder)
         max_fraction = chosen.max_dataset_fraction
+        base_features, max_features = chosen.base_features, chosen.max_features
         gpu_memory_gb = chosen.gpu_memory_gb if gpu_memory_gb is None else gpu_memory_gb
     gpu_memory_gb = REFERENCE_GB if gpu_memory_gb is None else float(gpu_memory_gb)
     if not gpu_memory_gb > 0:
@@ -849,6 +869,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
     ctx = _Context(arch=arch, in_channels=len(names) + len(priors), num_classes=num_output_classes(dataset),
                    blocks_encoder=tuple(blocks[0]), blocks_decoder=tuple(blocks[1]), gpu_memory_gb=gpu_memory_gb,
                    max_dataset_fraction=max_fraction, num_cases=fingerprint.num_cases,
+                   base_features=base_features, max_features=max_features,
                    normalization=tuple(normalizations), ct_priors=priors)
     ctx.note("dataset", "architecture", arch,
              f"preset {preset}" if preset else ("nnU-Net's plain U-Net, planned with its feature-map proxy"

@@ -188,6 +188,19 @@ def test_residual_encoder_presets(examples, preset, gb):
         assert configuration.estimated_memory_gb <= memory_budget_bytes(configuration.dim, gb) / GIB
 
 
+def test_cpu_preset_plans_a_small_unet_within_its_budget(examples):
+    default = plan_for(examples, "ct", configurations=["3d_fullres"]).configuration("3d_fullres")
+    plan = plan_for(examples, "ct", preset="cpu", configurations=["3d_fullres"])
+    configuration = plan.configuration("3d_fullres")
+    assert plan.gpu_memory_gb == 2.0
+    assert configuration.topology.arch == "unet"
+    assert configuration.topology.features_per_stage[0] == 8
+    assert max(configuration.topology.features_per_stage) <= 128
+    assert configuration.estimated_memory_gb <= memory_budget_bytes(3, 2.0) / GIB
+    # same pooling rules, so the same anisotropic topology as the GPU plan
+    assert configuration.topology.kernel_sizes[0] == default.topology.kernel_sizes[0]
+
+
 def test_every_registered_architecture_can_be_planned(examples):
     from autoseg.networks import available_networks
 
