@@ -389,18 +389,30 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation.add_arguments(parser)
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that carry a user-facing message (printed without a traceback)."""
-    from autoseg.dataset import DatasetError
-    from autoseg.io import ImageReadError
-    from autoseg.plan import PlanError
+# Exceptions that carry a user-facing message: printed without a traceback, exit code 1.
+_USER_ERRORS = (
+    ("autoseg.dataset", "DatasetError"),
+    ("autoseg.io", "ImageReadError"),
+    ("autoseg.plan", "PlanError"),
+    ("autoseg.fingerprint", "FingerprintError"),
+    ("autoseg.preprocessing", "PreprocessingError"),
+    ("autoseg.training.errors", "TrainingError"),
+    ("autoseg.training.data", "DataLoadingError"),
+    ("autoseg.inference", "PredictionError"),
+    ("autoseg.postprocessing", "PostprocessingError"),
+    ("autoseg.model_archive", "ModelArchiveError"),
+    ("autoseg.benchmark", "BenchmarkError"),
+)
 
-    errors: list[type[BaseException]] = [CommandError, DatasetError, ImageReadError, PlanError,
-                                         FileNotFoundError]
-    for module, name in (("autoseg.preprocessing", "PreprocessingError"),
-                         ("autoseg.training.data", "DataLoadingError")):
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The user-facing exception classes (imported lazily; a stage that fails to import is skipped)."""
+    import importlib
+
+    errors: list[type[BaseException]] = [CommandError, FileNotFoundError, FileExistsError]
+    for module, name in _USER_ERRORS:
         try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
+            errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
