@@ -15,9 +15,10 @@ How each figure is taken, so numbers from different machines and versions compar
 * Every stage runs in a fresh Python process (``python -m autoseg.benchmark STAGE ...``) so that
   its memory is its own. The parent samples the memory of the stage's whole process tree (the stage
   and every process it starts: preprocessing workers, data-loading workers) from ``/proc`` every
-  :data:`SAMPLE_INTERVAL` seconds, summing resident (RSS) and proportional (PSS: shared pages split
-  between the processes that share them) set sizes. It also records the exact peak RSS of the
-  largest single process from ``wait4``'s ``ru_maxrss``, which sampling cannot miss.
+  :data:`SAMPLE_INTERVAL` seconds, summing resident set sizes (RSS), and less often proportional
+  set sizes (PSS: shared pages split between the processes that share them, the fairer figure when
+  forked workers share libraries); see :class:`TreeMemorySampler`. It also records the exact peak
+  RSS of the largest single process from ``wait4``'s ``ru_maxrss``, which sampling cannot miss.
 * Inside the stage process each measurement runs once as a warm-up (imports, file caches, lazy
   CUDA and cuDNN initialisation, worker start) and then ``repeats`` times. Each figure is reported
   as ``{"median", "min", "max", "runs"}`` where ``runs`` lists every measured value.
@@ -49,13 +50,14 @@ from typing import Any
 from autoseg.utils import atomic_write_json, read_json
 
 SCHEMA = "autoseg-benchmark/1"
-SAMPLE_INTERVAL = 0.05
+SAMPLE_INTERVAL = 0.1
 WARMUP_RUNS = 1
 # Iterations per training epoch (one measured run): enough to average out batch-to-batch noise,
 # few enough that `make bench` takes minutes on a laptop CPU.
-DEFAULT_ITERATIONS = {"cpu": 3, "cuda": 25}
+DEFAULT_ITERATIONS = {"cpu": 2, "cuda": 25}
 DEFAULT_EXAMPLE_CASES = {"ct": 8, "mri": 6, "2d": 12}
-DEFAULT_INFERENCE_CASES = 2
+# Cases predicted per run: a full-size 3D case with mirroring takes minutes on a laptop CPU.
+DEFAULT_INFERENCE_CASES = {"cpu": 1, "cuda": 3}
 STAGES = ("plan", "preprocess", "train", "predict")
 MIB = 1024 * 1024
 
@@ -220,52 +222,66 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _memory_of(pid: int) -> tuple[int, int]:
-    """``(rss, pss)`` bytes of one process; (0, 0) once it is gone. PSS falls back to RSS."""
-    rss = pss = 0
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_of(pid: int) -> int:
+    """Resident set size of one process in bytes (0 once it is gone); cheap: one small read."""
     try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError):
-        return 0, 0
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def pss_of(pid: int) -> int:
+    """Proportional set size in bytes (shared pages divided among their users); falls back to RSS.
+
+    The kernel walks the page tables for this, which takes milliseconds for a process of some GB,
+    so samplers read it less often than RSS.
+    """
     try:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
                 if line.startswith("Pss:"):
-                    pss = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError):
-        pss = rss
-    return rss, pss or rss
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss_of(pid)
 
 
-def tree_memory(pid: int) -> tuple[int, int, int]:
-    """``(rss, pss, processes)`` of a process and its descendants now: bytes summed over the tree."""
-    rss = pss = 0
+def tree_memory(pid: int, pss: bool = True) -> tuple[int, int, int]:
+    """``(rss, pss, processes)`` of a process and its descendants now: bytes summed over the tree.
+
+    With ``pss=False`` the PSS entry is 0 (and the call is much cheaper).
+    """
     pids = process_tree(pid)
-    for member in pids:
-        one_rss, one_pss = _memory_of(member)
-        rss += one_rss
-        pss += one_pss
-    return rss, pss, len(pids)
+    return sum(rss_of(p) for p in pids), sum(pss_of(p) for p in pids) if pss else 0, len(pids)
 
 
 class TreeMemorySampler:
     """Sample a process tree's summed RSS and PSS in a background thread; keep the peaks.
 
     Use as a context manager around the life of the process; ``peak_rss``/``peak_pss`` are bytes.
+    The sampler must not steal the CPU it measures (a 2-core laptop has no core to spare), so
+    RSS is read every ``interval`` seconds from the processes known, the process list is rescanned
+    every ``rescan`` seconds, and PSS (expensive, see :func:`pss_of`) is read every ``pss_every``
+    seconds and whenever the summed RSS reaches a new high, at most every ``interval * 5`` seconds.
     """
 
-    def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL) -> None:
+    def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL, rescan: float = 0.5,
+                 pss_every: float = 2.0) -> None:
         self.pid = pid
         self.interval = interval
+        self.rescan = rescan
+        self.pss_every = pss_every
         self.peak_rss = 0
         self.peak_pss = 0
         self.max_processes = 0
         self.samples = 0
+        self._pids: list[int] = []
+        self._last_scan = self._last_pss = -float("inf")
+        self._pss_owed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
@@ -275,12 +291,22 @@ class TreeMemorySampler:
             if self._stop.wait(self.interval):
                 return
 
-    def sample(self) -> None:
+    def sample(self, force_pss: bool = False) -> None:
         """Take one sample now (also called by the thread)."""
-        rss, pss, count = tree_memory(self.pid)
+        now = time.monotonic()
+        if now - self._last_scan >= self.rescan:
+            self._pids = process_tree(self.pid)
+            self._last_scan = now
+            self.max_processes = max(self.max_processes, len(self._pids))
+        rss = sum(rss_of(p) for p in self._pids)
+        # A new RSS high owes a PSS reading, taken as soon as the rate limit allows.
+        self._pss_owed |= rss > self.peak_rss
         self.peak_rss = max(self.peak_rss, rss)
-        self.peak_pss = max(self.peak_pss, pss)
-        self.max_processes = max(self.max_processes, count)
+        since_pss = now - self._last_pss
+        if force_pss or since_pss >= self.pss_every or (self._pss_owed and since_pss >= 5 * self.interval):
+            self.peak_pss = max(self.peak_pss, sum(pss_of(p) for p in self._pids))
+            self._last_pss = now
+            self._pss_owed = False
         self.samples += 1
 
     def __enter__(self) -> TreeMemorySampler:
@@ -513,7 +539,7 @@ class _Context:
 def run_benchmark(dataset: str | os.PathLike | None = None, example: str | None = None, device: str = "cpu",
                   output: str | os.PathLike | None = "bench_results.json", repeats: int = 3, *,
                   configurations: Sequence[str] | None = None, iterations: int | None = None,
-                  num_cases: int | None = None, inference_cases: int = DEFAULT_INFERENCE_CASES,
+                  num_cases: int | None = None, inference_cases: int | None = None,
                   n_jobs: int | None = None, work_dir: str | os.PathLike | None = None,
                   stages: Sequence[str] = STAGES, verbose: bool = True) -> dict[str, Any]:
     """Measure planning, preprocessing, training and inference on this machine; write JSON.
@@ -526,10 +552,10 @@ def run_benchmark(dataset: str | os.PathLike | None = None, example: str | None 
         output: JSON file to write (None: write nothing).
         repeats: measured runs per figure, after one warm-up run.
         configurations: configurations to plan and measure (default: the planner's choice).
-        iterations: training iterations per measured run (default 3 on CPU, 25 on CUDA).
+        iterations: training iterations per measured run (default 2 on CPU, 25 on CUDA).
         num_cases: training cases of a generated example.
         inference_cases: cases predicted per run (test cases, or the first training cases of a
-            dataset without ``imagesTs``).
+            dataset without ``imagesTs``; default 1 on CPU, 3 on CUDA).
         n_jobs: processes for fingerprint and preprocessing (default: every core).
         work_dir: keep every artifact here (default: a temporary folder, deleted at the end).
         stages: the stages to run, in order (later stages need the earlier ones' outputs).
@@ -561,6 +587,7 @@ def run_benchmark(dataset: str | os.PathLike | None = None, example: str | None 
         raise ValueError(f"{dataset}: not a dataset folder (no dataset.json)")
     kind = "cuda" if device.startswith("cuda") else "cpu"
     iterations = iterations or DEFAULT_ITERATIONS[kind]
+    inference_cases = inference_cases or DEFAULT_INFERENCE_CASES[kind]
 
     root = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="autoseg_bench_"))
     root.mkdir(parents=True, exist_ok=True)

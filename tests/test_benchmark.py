@@ -126,6 +126,17 @@ def test_run_measured_sums_the_memory_of_the_whole_process_tree():
     assert measured.seconds >= 1.5
 
 
+def test_the_memory_sampler_leaves_the_cpu_to_what_it_measures():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    measured = run_measured([sys.executable, "-c", "import time; time.sleep(2)"])
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert measured.seconds >= 2
+    assert used / measured.seconds < 0.05  # under 5 % of one core while sampling
+
+
 def test_run_measured_reports_exit_code_and_output_tail(tmp_path):
     log = tmp_path / "logs" / "run.log"
     measured = run_measured([sys.executable, "-c", "print('a' * 50 + 'END'); raise SystemExit(3)"],
