@@ -19,6 +19,12 @@ and each later epoch is one measured run. The figures come from the trainer's ow
 * iterations per second: ``iterations / (data_time + compute_time)``.
 
 Torch uses every core (the trainer's default) unless ``--threads`` is given.
+
+One recorded run (example CT, 4 cases, 3d_fullres planned for an 8 GB GPU: patch 40 x 160 x 160,
+batch 2, 6-stage U-Net; 2 CPU cores shared with other jobs, 2 loading workers, 1 iteration per run,
+2 runs): 0.0058 it/s, 173 s per iteration in the network and 0.0015 s waiting for data. One
+augmented batch (drawn at 40 x 316 x 316, then cropped) takes 0.04-0.5 s on one core, so on the
+CPU the network step is the whole cost and the workers hide the loading completely.
 """
 
 from __future__ import annotations
