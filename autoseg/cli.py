@@ -429,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
+        hint = "continue with --resume" if args.command == "train" else "a re-run skips what is done"
+        print(f"interrupted; finished work is kept ({hint})", file=sys.stderr)
         return 130
     except _known_errors() as error:
         print(f"autoseg {args.command}: error: {error}", file=sys.stderr)
