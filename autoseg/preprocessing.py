@@ -34,7 +34,7 @@ the raw ``.nii.gz``: for the example CT dataset (10 cases, ``3d_fullres``, one c
 per case against 0.49 MB raw (8.1x), because the raw int16 is gzip-compressed and its thick slices
 are resampled to the finer median spacing. The price buys reading a random patch in O(patch) time.
 The manifest records both sizes per case and their ratio (``stored_to_raw``);
-``benchmarks/bench_resampling.py --dataset`` measures them.
+``tests/benchmarks/bench_resampling.py --dataset`` measures them.
 
 :func:`restore_to_original` is the exact inverse for predictions: un-resample to the cropped shape,
 un-crop, un-orient, back to the array as read (a 2D case comes back 2D).
