@@ -34,7 +34,7 @@ from autoseg.inference import (
 )
 from autoseg.io import Image, read_image, write_image
 from autoseg.model_archive import ModelArchiveError
-from autoseg.networks import register_network
+from autoseg.networks import register_network, unregister_network
 from autoseg.plan import ChannelNormalization, Configuration, Plan, Schedule, Topology, plan_hash, save_plan
 from autoseg.training.checkpoint import save_checkpoint
 from autoseg.utils import atomic_write_json
@@ -74,7 +74,6 @@ class AsymmetricConv(SymmetricConv):
 LOW, HIGH, SLOPE = 75.0, 150.0, 0.05
 
 
-@register_network("test_threshold")
 class ThresholdNet(nn.Module):
     """Intensity thresholds as logits (softmax or, with ``options.regions``, sigmoid per region)."""
 
@@ -95,6 +94,14 @@ class ThresholdNet(nn.Module):
         if self.regions:
             return torch.cat([first, second], dim=1)
         return torch.cat([torch.zeros_like(value), first, first + second], dim=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def threshold_network():
+    """Registered only while these tests run, so the conformance suite never sees it."""
+    register_network("test_threshold")(ThresholdNet)
+    yield
+    unregister_network("test_threshold")
 
 
 def expected_labels(image: np.ndarray) -> np.ndarray:

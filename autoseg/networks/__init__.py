@@ -29,7 +29,7 @@ from autoseg.networks import attention_unet, resenc, unet, unetpp, vnet  # noqa:
 from autoseg.networks.build import build_network, resolve_topology
 from autoseg.networks.describe import count_parameters, describe_network
 from autoseg.networks.memory import MemoryEstimate, estimate_training_memory
-from autoseg.networks.registry import available_networks, get_builder, register_network
+from autoseg.networks.registry import available_networks, get_builder, register_network, unregister_network
 from autoseg.networks.resenc import RESENC_PRESETS, resenc_topology
 from autoseg.networks.sizes import check_input_size, cumulative_strides, valid_input_size
 from autoseg.networks.unet import classic_unet_2d_topology
@@ -47,6 +47,7 @@ __all__ = [
     "estimate_training_memory",
     "get_builder",
     "register_network",
+    "unregister_network",
     "resenc_topology",
     "resolve_topology",
     "valid_input_size",

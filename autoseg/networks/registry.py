@@ -37,6 +37,11 @@ def register_network(name: str) -> Callable[[B], B]:
     return decorate
 
 
+def unregister_network(name: str) -> None:
+    """Remove a registered network (for plugins and tests that register temporarily)."""
+    _REGISTRY.pop(name, None)
+
+
 def _qualified(builder: Builder) -> str:
     return f"{getattr(builder, '__module__', '?')}.{getattr(builder, '__qualname__', repr(builder))}"
 
