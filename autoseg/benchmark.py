@@ -330,11 +330,13 @@ class Measured:
     peak_process_rss_mb: float
     max_processes: int
     output_tail: str = ""
+    cpu_seconds: float = 0.0  # user + system time of the command and the descendants it waited for
 
     def memory(self) -> dict[str, float]:
-        """The memory figures as JSON-ready data."""
+        """The memory figures (and the CPU time) as JSON-ready data."""
         return {"peak_tree_rss_mb": self.peak_tree_rss_mb, "peak_tree_pss_mb": self.peak_tree_pss_mb,
-                "peak_process_rss_mb": self.peak_process_rss_mb, "max_processes": self.max_processes}
+                "peak_process_rss_mb": self.peak_process_rss_mb, "max_processes": self.max_processes,
+                "cpu_seconds": self.cpu_seconds}
 
 
 def run_measured(command: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
@@ -356,23 +358,25 @@ def run_measured(command: Sequence[str], env: Mapping[str, str] | None = None, c
         process = subprocess.Popen(command, env=dict(env) if env is not None else None, cwd=cwd,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         with TreeMemorySampler(process.pid, interval) as sampler:
-            returncode, max_rss_kib = _wait_with_rusage(process, timeout)
+            returncode, usage = _wait_with_rusage(process, timeout)
         seconds = time.perf_counter() - started
     text = log.read_text(errors="replace")
     if own_log:
         log.unlink(missing_ok=True)
     return Measured(command, seconds, returncode, round(sampler.peak_rss / MIB, 1), round(sampler.peak_pss / MIB, 1),
-                    round(max_rss_kib / 1024, 1), sampler.max_processes, text[-tail_chars:])
+                    round(usage.ru_maxrss / 1024, 1), sampler.max_processes, text[-tail_chars:],
+                    round(usage.ru_utime + usage.ru_stime, 2))
 
 
-def _wait_with_rusage(process: subprocess.Popen, timeout: float | None) -> tuple[int, int]:
-    """Wait for ``process``; return its exit code and ``ru_maxrss`` (KiB: the largest process of its tree)."""
+def _wait_with_rusage(process: subprocess.Popen, timeout: float | None) -> tuple[int, Any]:
+    """Wait for ``process``; return its exit code and resource usage (``ru_maxrss`` in KiB is the
+    largest process of its tree; CPU times include the descendants it waited for)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
-            return process.returncode, usage.ru_maxrss
+            return process.returncode, usage
         if deadline is not None and time.monotonic() > deadline:
             try:
                 os.killpg(process.pid, 9)
@@ -380,7 +384,7 @@ def _wait_with_rusage(process: subprocess.Popen, timeout: float | None) -> tuple
                 pass
             _, status, usage = os.wait4(process.pid, 0)
             process.returncode = -9
-            return -9, usage.ru_maxrss
+            return -9, usage
         time.sleep(0.02)
 
 

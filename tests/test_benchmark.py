@@ -124,6 +124,7 @@ def test_run_measured_sums_the_memory_of_the_whole_process_tree():
     assert 140 < measured.peak_process_rss_mb < 230
     assert measured.peak_tree_pss_mb > 230
     assert measured.seconds >= 1.5
+    assert 0 < measured.cpu_seconds < measured.seconds  # mostly asleep; the grandchild's time counts too
 
 
 def test_the_memory_sampler_leaves_the_cpu_to_what_it_measures():
@@ -135,6 +136,13 @@ def test_the_memory_sampler_leaves_the_cpu_to_what_it_measures():
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert measured.seconds >= 2
     assert used / measured.seconds < 0.05  # under 5 % of one core while sampling
+
+
+def test_run_measured_counts_the_cpu_time_of_children():
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    measured = run_measured([sys.executable, "-c", parent])
+    assert measured.cpu_seconds >= 0.6
 
 
 def test_run_measured_reports_exit_code_and_output_tail(tmp_path):
