@@ -44,14 +44,16 @@ test: install
 lint: install
 	$(BIN)/ruff check autoseg tests
 
+# The demo runs on the CPU in minutes: the small `cpu` preset and the 2D configuration, a short
+# schedule, the fast prediction preset. A GPU plan (no --preset) is what real datasets deserve.
 demo: install
 	@rm -rf $(DEMO_DIR)
 	$(BIN)/autoseg make-example $(DEMO_DIR)/raw --kind ct --num-cases 8 --num-test-cases 3
 	$(BIN)/autoseg validate $(DEMO_DIR)/raw
-	$(BIN)/autoseg plan $(DEMO_DIR)/raw --work $(DEMO_DIR)/work --configurations 3d_fullres --explain
+	$(BIN)/autoseg plan $(DEMO_DIR)/raw --work $(DEMO_DIR)/work --preset cpu --configurations 2d --explain
 	$(BIN)/autoseg preprocess $(DEMO_DIR)/work
-	$(BIN)/autoseg train $(DEMO_DIR)/work -c 3d_fullres -f all --epochs 12 --iters-per-epoch 25 --fast-demo
-	$(BIN)/autoseg predict $(DEMO_DIR)/work -i $(DEMO_DIR)/raw/imagesTs -o $(DEMO_DIR)/predictions -c 3d_fullres -f all --fast
+	$(BIN)/autoseg train $(DEMO_DIR)/work -c 2d -f all --epochs 40 --iters-per-epoch 25 --val-iters 4
+	$(BIN)/autoseg predict $(DEMO_DIR)/work -i $(DEMO_DIR)/raw/imagesTs -o $(DEMO_DIR)/predictions -c 2d -f all --fast --checkpoint latest
 	$(BIN)/autoseg evaluate $(DEMO_DIR)/predictions $(DEMO_DIR)/raw/labelsTs --dataset-json $(DEMO_DIR)/raw/dataset.json
 
 bench: install

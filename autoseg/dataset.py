@@ -53,6 +53,14 @@ class DatasetError(Exception):
         super().__init__("\n".join(f"- {p}" for p in self.problems))
 
 
+def label_values_of(labels: dict[str, int | tuple[int, ...]]) -> set[int]:
+    """Every voxel value a label map may contain, given labels (name -> value or region values)."""
+    values: set[int] = set()
+    for value in labels.values():
+        values.update(value if isinstance(value, tuple) else (value,))
+    return values
+
+
 @dataclass(frozen=True)
 class DatasetJson:
     """A parsed and checked ``dataset.json``."""
@@ -92,10 +100,7 @@ class DatasetJson:
     @property
     def label_values(self) -> set[int]:
         """Every voxel value a label file may contain."""
-        values: set[int] = set()
-        for value in self.labels.values():
-            values.update(value if isinstance(value, tuple) else (value,))
-        return values
+        return label_values_of(self.labels)
 
     def to_dict(self) -> dict:
         out = dict(self.extra)

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter
 from pydantic.dataclasses import dataclass
 from scipy import ndimage
 from tqdm import tqdm
@@ -62,7 +62,7 @@ from autoseg.dataset import (
     training_cases,
 )
 from autoseg.orientation import canonical_spacing, canonical_transform, to_canonical
-from autoseg.utils import atomic_write_json, read_json, sha256_of_json
+from autoseg.utils import atomic_write_json, read_json, read_model_file, sha256_of_json, validate_model
 
 FINGERPRINT_VERSION = 1
 TOTAL_FOREGROUND_SAMPLES = 1_000_000
@@ -210,12 +210,7 @@ def fingerprint_to_dict(fingerprint: Fingerprint) -> dict:
 
 def fingerprint_from_dict(data: object, source: str = "fingerprint") -> Fingerprint:
     """Validate data into a :class:`Fingerprint`; every problem is listed with its field path."""
-    try:
-        return _ADAPTER.validate_python(data)
-    except ValidationError as error:
-        lines = [f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-                 for item in error.errors()]
-        raise FingerprintError(f"{source} is not a valid fingerprint:\n" + "\n".join(lines)) from None
+    return validate_model(_ADAPTER, data, source, "fingerprint", FingerprintError)
 
 
 def save_fingerprint(fingerprint: Fingerprint, path: str | os.PathLike) -> Path:
@@ -225,15 +220,8 @@ def save_fingerprint(fingerprint: Fingerprint, path: str | os.PathLike) -> Path:
 
 def load_fingerprint(path: str | os.PathLike) -> Fingerprint:
     """Read and validate ``fingerprint.json`` (a file, or a work folder holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "fingerprint.json"
-    if not path.is_file():
-        raise FingerprintError(f"{path}: no fingerprint here; run `autoseg fingerprint DATASET` first")
-    try:
-        data = read_json(path)
-    except ValueError as error:
-        raise FingerprintError(str(error)) from None
+    data, path = read_model_file(path, "fingerprint.json", FingerprintError,
+                                 "run `autoseg fingerprint DATASET` first")
     return fingerprint_from_dict(data, str(path))
 
 

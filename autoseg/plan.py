@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, PositiveInt, TypeAdapter
 from pydantic.dataclasses import dataclass
 
-from autoseg.utils import atomic_write_json, read_json, sha256_of_json
+from autoseg.utils import atomic_write_json, read_model_file, sha256_of_json, validate_model
 
 SCHEMA_VERSION = 1
 CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres")
@@ -256,14 +256,7 @@ def plan_to_dict(plan: Plan) -> dict:
 
 def plan_from_dict(data: object, source: str = "plan") -> Plan:
     """Validate data into a :class:`Plan`; every problem is listed with its field path."""
-    try:
-        return _PLAN_ADAPTER.validate_python(data)
-    except ValidationError as error:
-        lines = []
-        for item in error.errors():
-            where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-            lines.append(f"  {where}: {item['msg']}")
-        raise PlanError(f"{source} is not a valid plan:\n" + "\n".join(lines)) from None
+    return validate_model(_PLAN_ADAPTER, data, source, "plan", PlanError)
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
@@ -273,15 +266,7 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and validate ``plan.json`` (a file or a work folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "plan.json"
-    if not path.is_file():
-        raise PlanError(f"{path}: no plan here; run `autoseg plan DATASET --work {path.parent}` first")
-    try:
-        data = read_json(path)
-    except ValueError as error:
-        raise PlanError(str(error)) from None
+    data, path = read_model_file(path, "plan.json", PlanError, "run `autoseg plan DATASET --work WORK` first")
     return plan_from_dict(data, str(path))
 
 

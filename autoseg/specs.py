@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.dataset import DatasetError, parse_dataset_json
+from autoseg.dataset import DatasetError, label_values_of, parse_dataset_json
 
 SPEC_DIR = Path(__file__).resolve().parents[1] / "datasets_spec"
 SCHEMA_FILE = "schema.json"
@@ -78,10 +78,7 @@ class DatasetSpec:
     @property
     def label_values(self) -> set[int]:
         """Every value a converted label file may contain."""
-        values: set[int] = set()
-        for value in self.labels.values():
-            values.update(value if isinstance(value, tuple) else (value,))
-        return values
+        return label_values_of(self.labels)
 
     def dataset_json(self, num_training: int) -> dict:
         """The raw dataset's ``dataset.json`` for ``num_training`` converted training cases."""

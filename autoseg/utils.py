@@ -57,3 +57,39 @@ def sha256_of_json(data: object) -> str:
     """A stable hash of JSON-able data (sorted keys), to tell whether an input changed."""
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def validate_model(adapter, data: object, source: str, kind: str, error_class: type[Exception]):
+    """Validate JSON data into a typed model; every problem is listed with its field path.
+
+    Args:
+        adapter: a pydantic ``TypeAdapter`` of the model class.
+        source: where the data came from (a file name), for the message.
+        kind: what the model is ("plan", "fingerprint"), for the message.
+        error_class: the exception to raise, with one line per problem.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as error:
+        lines = [f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
+                 for item in error.errors()]
+        raise error_class(f"{source} is not a valid {kind}:\n" + "\n".join(lines)) from None
+
+
+def read_model_file(path: str | os.PathLike, file_name: str, error_class: type[Exception],
+                    missing_hint: str) -> tuple[object, Path]:
+    """Read the JSON of ``file_name`` (``path`` is the file or the folder holding it).
+
+    Returns the data and the file's path; a missing or non-JSON file raises ``error_class``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / file_name
+    if not path.is_file():
+        raise error_class(f"{path}: no {file_name} here; {missing_hint}")
+    try:
+        return read_json(path), path
+    except ValueError as error:
+        raise error_class(str(error)) from None

@@ -145,7 +145,7 @@ def test_hand_broken_fingerprint_is_rejected_naming_the_problem(padded_dataset, 
 
 
 def test_missing_fingerprint_names_the_file(tmp_path: Path):
-    with pytest.raises(FingerprintError, match="no fingerprint here"):
+    with pytest.raises(FingerprintError, match="no fingerprint.json here"):
         load_fingerprint(tmp_path)
 
 
