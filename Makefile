@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
 	else \
 		echo "no CUDA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-		$(BIN)/pip install --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" \
 		|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(BIN)/pip install -e ".[dev]"
