@@ -277,6 +277,7 @@ class TreeMemorySampler:
         self.pss_every = pss_every
         self.peak_rss = 0
         self.peak_pss = 0
+        self.peak_process_rss = 0
         self.max_processes = 0
         self.samples = 0
         self._pids: list[int] = []
@@ -298,7 +299,9 @@ class TreeMemorySampler:
             self._pids = process_tree(self.pid)
             self._last_scan = now
             self.max_processes = max(self.max_processes, len(self._pids))
-        rss = sum(rss_of(p) for p in self._pids)
+        each = [rss_of(p) for p in self._pids]
+        rss = sum(each)
+        self.peak_process_rss = max([self.peak_process_rss, *each])
         # A new RSS high owes a PSS reading, taken as soon as the rate limit allows.
         self._pss_owed |= rss > self.peak_rss
         self.peak_rss = max(self.peak_rss, rss)
@@ -364,13 +367,14 @@ def run_measured(command: Sequence[str], env: Mapping[str, str] | None = None, c
     if own_log:
         log.unlink(missing_ok=True)
     return Measured(command, seconds, returncode, round(sampler.peak_rss / MIB, 1), round(sampler.peak_pss / MIB, 1),
-                    round(usage.ru_maxrss / 1024, 1), sampler.max_processes, text[-tail_chars:],
+                    round(sampler.peak_process_rss / MIB, 1), sampler.max_processes, text[-tail_chars:],
                     round(usage.ru_utime + usage.ru_stime, 2))
 
 
 def _wait_with_rusage(process: subprocess.Popen, timeout: float | None) -> tuple[int, Any]:
-    """Wait for ``process``; return its exit code and resource usage (``ru_maxrss`` in KiB is the
-    largest process of its tree; CPU times include the descendants it waited for)."""
+    """Wait for ``process``; return its exit code and resource usage (CPU times include the
+    descendants it waited for). Its ``ru_maxrss`` is not used: a forked child starts with its
+    parent's resident size as its high-water mark, so a large parent inflates it."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -760,8 +764,10 @@ def _bench_predict(ctx: _Context) -> None:
     inputs = inference_inputs(ctx.dataset, ctx.folder / "inference_input", ctx.inference_cases)
     voxels = {folder.name: n for folder, n in inputs}
     ctx.results["predict"] = {"cases": len(inputs), "voxels_per_case": voxels, "configurations": {}}
+    from autoseg.workdir import WorkDir
+
     for name in plan.configurations:
-        if name not in ctx.results.get("train", {}):
+        if not (WorkDir(ctx.work).fold(name, "all") / "checkpoint_latest.pt").is_file():
             ctx.errors[f"predict/{name}"] = "no trained model (the train stage failed or did not run)"
             continue
         entry: dict[str, Any] = {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from test_inference import case_image, expected_labels, make_model
+from test_inference import case_image, expected_labels, make_model, threshold_network  # noqa: F401 (autouse fixture)
 
 from autoseg.postprocessing import (
     CrfParams,
