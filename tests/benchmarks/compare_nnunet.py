@@ -366,41 +366,65 @@ def phase_match_network(run: Run) -> None:
           f"{ours.batch_size})", flush=True)
 
 
-def phase_train(run: Run) -> None:
+def _train_once(run: Run, side: str, repeat: int) -> tuple[dict[str, Any], Measured]:
+    """Train one side from scratch (the last repeat's model is the one predicted with)."""
     epochs, iterations = run.args.epochs, run.args.iterations
-    if epochs < 2:
+    if side == "nnunet":
+        shutil.rmtree(run.root / "nnUNet_results", ignore_errors=True)
+        params_path, result_path = run.root / "nnunet_train.params.json", run.root / "nnunet_train.result.json"
+        script = run.root / "nnunet_train.py"
+        script.write_text(NNUNET_TRAIN_SCRIPT)
+        atomic_write_json(params_path, {"dataset_id": DATASET_ID, "configuration": CONFIGURATION, "fold": "all",
+                                        "trainer": NNUNET_TRAINER, "plans": NNUNET_PLANS, "epochs": epochs,
+                                        "iterations": iterations, "device": run.args.device,
+                                        "result": str(result_path)})
+        result_path.unlink(missing_ok=True)
+        log = run.log(f"nnunet_train_{repeat}")
+        measured = check(run_measured([str(venv_python(run.venv)), str(script), str(params_path)], env=run.env(),
+                                      log_path=log), "nnU-Net training", log)
+        result = read_json(result_path)
+    else:
+        shutil.rmtree(run.work / "models", ignore_errors=True)
+        folder = run.root / "logs" / f"autoseg_train_{repeat}"
+        folder.mkdir(parents=True, exist_ok=True)
+        result, measured = run_stage("train", {"work": str(run.work), "configuration": CONFIGURATION,
+                                               "device": run.args.device, "repeats": epochs - 1,
+                                               "iterations": iterations, "workers": run.workers}, folder)
+    assert isinstance(result, dict)
+    return result, measured
+
+
+def phase_train(run: Run) -> None:
+    """Train both sides ``--repeats`` times, alternating which goes first; every epoch after each
+    run's warm-up epoch is one measurement (a shared machine's load changes between runs)."""
+    if run.args.epochs < 2:
         raise ValueError("--epochs must be at least 2 (the first epoch is the warm-up)")
+    logs: dict[str, list[dict[str, Any]]] = {"nnunet": [], "autoseg": []}
+    runs: dict[str, list[tuple[dict[str, Any], Measured]]] = {"nnunet": [], "autoseg": []}
+    for repeat in range(run.args.repeats):
+        for side in ordered(repeat):
+            result, measured = _train_once(run, side, repeat)
+            figures = training_figures(result["log"])
+            logs[side] += result["log"][1:]
+            runs[side].append((result, measured))
+            print(f"[train] {side}: {figures['iterations_per_second']['median']:.3f} it/s, data wait "
+                  f"{figures['data_wait_fraction']['median']:.1%}, peak {measured.peak_tree_rss_mb:.0f} MiB",
+                  flush=True)
     out: dict[str, Any] = {}
-    for side in ordered(0):
-        if side == "nnunet":
-            shutil.rmtree(run.root / "nnUNet_results", ignore_errors=True)
-            params_path, result_path = run.root / "nnunet_train.params.json", run.root / "nnunet_train.result.json"
-            script = run.root / "nnunet_train.py"
-            script.write_text(NNUNET_TRAIN_SCRIPT)
-            atomic_write_json(params_path, {"dataset_id": DATASET_ID, "configuration": CONFIGURATION, "fold": "all",
-                                            "trainer": NNUNET_TRAINER, "plans": NNUNET_PLANS, "epochs": epochs,
-                                            "iterations": iterations, "device": run.args.device,
-                                            "result": str(result_path)})
-            result_path.unlink(missing_ok=True)
-            log = run.log("nnunet_train")
-            measured = check(run_measured([str(venv_python(run.venv)), str(script), str(params_path)], env=run.env(),
-                                          log_path=log), "nnU-Net training", log)
-            result = read_json(result_path)
-        else:
-            folder = run.root / "logs"
-            shutil.rmtree(run.work / "models", ignore_errors=True)
-            result, measured = run_stage("train", {"work": str(run.work), "configuration": CONFIGURATION,
-                                                   "device": run.args.device, "repeats": epochs - 1,
-                                                   "iterations": iterations, "workers": run.workers}, folder)
-        assert isinstance(result, dict)
-        figures = training_figures(result["log"])
-        out[side] = {**figures, **measured.memory(), "wall_seconds": round(measured.seconds, 2),
-                     "log": result["log"]}
+    for side, side_runs in runs.items():
+        measurements = [m for _, m in side_runs]
+        out[side] = {**training_figures(logs[side], warmup_epochs=0),
+                     "peak_tree_rss_mb": max(m.peak_tree_rss_mb for m in measurements),
+                     "peak_tree_pss_mb": max(m.peak_tree_pss_mb for m in measurements),
+                     "peak_process_rss_mb": max(m.peak_process_rss_mb for m in measurements),
+                     "max_processes": max(m.max_processes for m in measurements),
+                     "cpu_seconds": summarize(m.cpu_seconds for m in measurements)["median"],
+                     "wall_seconds": [round(m.seconds, 2) for m in measurements],
+                     "logs": [r["log"] for r, _ in side_runs]}
         for key in ("parameters", "peak_gpu_allocated_gb"):
-            if key in result:
-                out[side][key] = result[key]
-        print(f"[train] {side}: {figures['iterations_per_second']['median']:.3f} it/s, data wait "
-              f"{figures['data_wait_fraction']['median']:.1%}, peak {measured.peak_tree_rss_mb:.0f} MiB", flush=True)
+            values = [r[key] for r, _ in side_runs if key in r]
+            if values:
+                out[side][key] = max(values)
     if "network" in run.results:
         out["autoseg"]["parameters"] = run.results["network"]["autoseg_parameters"]
     run.results["train"] = out
@@ -481,7 +505,7 @@ ROWS: list[tuple[str, tuple[str, ...], float | None, bool]] = [
     ("train it/s", ("train", "{side}", "iterations_per_second", "median"), 1.2, False),
     ("train data wait share", ("train", "{side}", "data_wait_fraction", "median"), None, True),
     ("train network s/it", ("train", "{side}", "network_seconds_per_iteration", "median"), None, True),
-    ("train CPU s (whole run)", ("train", "{side}", "cpu_seconds"), None, True),
+    ("train CPU s (one run)", ("train", "{side}", "cpu_seconds"), None, True),
     ("train peak RSS MiB", ("train", "{side}", "peak_tree_rss_mb"), 1.0, True),
     ("train peak PSS MiB", ("train", "{side}", "peak_tree_pss_mb"), 1.0, True),
     ("train peak GPU GB", ("train", "{side}", "peak_gpu_allocated_gb"), 1.0, True),
@@ -566,7 +590,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--epochs", type=int, default=4, help="training epochs of both (the first is the warm-up)")
     parser.add_argument("--iterations", type=int, default=8, help="training iterations per epoch")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of plan+preprocess and of each prediction")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of plan+preprocess, of training (from scratch) and of each prediction; the "
+                             "order of the two frameworks alternates between runs")
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="planning memory target of both (default: each one's own default, 8 GB)")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
