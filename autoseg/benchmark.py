@@ -17,8 +17,9 @@ How each figure is taken, so numbers from different machines and versions compar
   and every process it starts: preprocessing workers, data-loading workers) from ``/proc`` every
   :data:`SAMPLE_INTERVAL` seconds, summing resident set sizes (RSS), and less often proportional
   set sizes (PSS: shared pages split between the processes that share them, the fairer figure when
-  forked workers share libraries); see :class:`TreeMemorySampler`. It also records the exact peak
-  RSS of the largest single process from ``wait4``'s ``ru_maxrss``, which sampling cannot miss.
+  forked workers share libraries); see :class:`TreeMemorySampler`. It also keeps the peak RSS of
+  the largest single process (from the same samples: ``wait4``'s ``ru_maxrss`` would count a large
+  parent's memory in a forked child) and the CPU time of the tree (``wait4``).
 * Inside the stage process each measurement runs once as a warm-up (imports, file caches, lazy
   CUDA and cuDNN initialisation, worker start) and then ``repeats`` times. Each figure is reported
   as ``{"median", "min", "max", "runs"}`` where ``runs`` lists every measured value.

@@ -106,7 +106,7 @@ def test_process_tree_includes_children():
 
 
 # A child holding ~150 MB starts a grandchild holding ~100 MB: the tree's peak is their sum, while
-# the largest single process (wait4's ru_maxrss) is the child alone.
+# the largest single process is the child alone.
 _TREE_SCRIPT = """
 import subprocess, sys
 held = b"x" * 150_000_000
