@@ -21,7 +21,6 @@ from autoseg.networks.blocks import (
     conv_class,
     initialise_weights,
     layer_options,
-    require_full_resolution_first_stage,
 )
 from autoseg.networks.registry import register_network
 from autoseg.networks.unet import PlainEncoder, UNetDecoder
@@ -78,7 +77,6 @@ class AttentionUNet(SegmentationNetwork):
 
     def __init__(self, topology: Topology):
         super().__init__(topology)
-        require_full_resolution_first_stage(topology)
         norm, activation = layer_options(topology)
         self.encoder = PlainEncoder(topology, norm, activation)
         self.decoder = AttentionDecoder(topology, norm, activation)

@@ -162,7 +162,7 @@ def require_full_resolution_first_stage(topology: Topology) -> None:
 
 
 class SegmentationNetwork(nn.Module):
-    """Base class: input-size check, and deep supervision on or off.
+    """Base class: topology and input-size checks, and deep supervision on or off.
 
     Subclasses implement :meth:`compute_outputs`. ``forward`` returns, in training mode with
     ``deep_supervision`` on, a list of logits, highest resolution first (one per entry of
@@ -171,6 +171,7 @@ class SegmentationNetwork(nn.Module):
 
     def __init__(self, topology: Topology):
         super().__init__()
+        require_full_resolution_first_stage(topology)
         self.topology = topology
         self.deep_supervision = bool(topology.deep_supervision)
 

@@ -19,7 +19,6 @@ from autoseg.networks.blocks import (
     SegmentationNetwork,
     initialise_weights,
     layer_options,
-    require_full_resolution_first_stage,
 )
 from autoseg.networks.registry import register_network
 from autoseg.networks.unet import UNetDecoder
@@ -72,7 +71,6 @@ class ResidualEncoderUNet(SegmentationNetwork):
 
     def __init__(self, topology: Topology):
         super().__init__(topology)
-        require_full_resolution_first_stage(topology)
         norm, activation = layer_options(topology)
         self.encoder = ResidualEncoder(topology, norm, activation)
         self.decoder = UNetDecoder(topology, norm, activation)

@@ -18,7 +18,6 @@ from autoseg.networks.blocks import (
     SegmentationNetwork,
     initialise_weights,
     layer_options,
-    require_full_resolution_first_stage,
     segmentation_head,
     transposed_conv_class,
 )
@@ -87,7 +86,6 @@ class PlainUNet(SegmentationNetwork):
 
     def __init__(self, topology: Topology):
         super().__init__(topology)
-        require_full_resolution_first_stage(topology)
         norm, activation = layer_options(topology)
         self.encoder = PlainEncoder(topology, norm, activation)
         self.decoder = UNetDecoder(topology, norm, activation)

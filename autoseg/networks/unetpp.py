@@ -28,7 +28,6 @@ from autoseg.networks.blocks import (
     SegmentationNetwork,
     initialise_weights,
     layer_options,
-    require_full_resolution_first_stage,
     segmentation_head,
     transposed_conv_class,
 )
@@ -46,7 +45,6 @@ class UNetPlusPlus(SegmentationNetwork):
 
     def __init__(self, topology: Topology):
         super().__init__(topology)
-        require_full_resolution_first_stage(topology)
         norm, activation = layer_options(topology)
         t = topology
         f = t.features_per_stage

@@ -24,7 +24,6 @@ from autoseg.networks.blocks import (
     layer_options,
     make_activation,
     make_norm,
-    require_full_resolution_first_stage,
     segmentation_head,
     transposed_conv_class,
 )
@@ -74,7 +73,6 @@ class VNet(SegmentationNetwork):
 
     def __init__(self, topology: Topology):
         super().__init__(topology)
-        require_full_resolution_first_stage(topology)
         norm, activation = layer_options(topology, default_activation="prelu")
         t = topology
         f = t.features_per_stage

@@ -69,6 +69,12 @@ def _one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return one_hot * _valid_mask(target)
 
 
+def _register_class_weights(module: nn.Module, class_weights: Sequence[float] | None) -> None:
+    """``module.class_weights``: a float tensor that follows the module's device, or None."""
+    module.register_buffer("class_weights", None if class_weights is None else
+                           torch.as_tensor(class_weights, dtype=torch.float32), persistent=False)
+
+
 class SoftDiceLoss(nn.Module):
     """``1 - mean soft Dice`` over the scored channels (see module docstring)."""
 
@@ -78,8 +84,7 @@ class SoftDiceLoss(nn.Module):
         self.regions = regions
         self.batch_dice = batch_dice
         self.smooth = smooth
-        self.register_buffer("class_weights", None if class_weights is None else
-                             torch.as_tensor(class_weights, dtype=torch.float32), persistent=False)
+        _register_class_weights(self, class_weights)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -113,8 +118,7 @@ class FocalLoss(nn.Module):
         super().__init__()
         self.regions = regions
         self.gamma = gamma
-        self.register_buffer("class_weights", None if class_weights is None else
-                             torch.as_tensor(class_weights, dtype=torch.float32), persistent=False)
+        _register_class_weights(self, class_weights)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
