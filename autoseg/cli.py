@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None, help="work folder (default ./autoseg_work/<dataset name>)")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory budget for training (default 8, or the preset's size)")
-    p.add_argument("--configurations", nargs="+", default=None, choices=["2d", "3d_fullres", "3d_lowres"])
+    p.add_argument("--configurations", nargs="+", default=None, choices=["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"])
     p.add_argument("--arch", default="unet", help="network architecture (see `autoseg describe-network`)")
     p.add_argument("--preset", default=None, help="network size preset: resenc-m, resenc-l, resenc-xl (8, 24, 40 GB), or cpu (a small U-Net for machines without a GPU)")
     p.add_argument("--ct-priors", action="store_true", help="add Hounsfield-window prior channels for CT")

@@ -14,9 +14,9 @@
    schedule's ``mirror_axes`` unless the fold's augmentation switched mirroring off): every
    combination of flips, each prediction flipped back and averaged.
 4. **Fold ensemble**: the probabilities of all requested folds are averaged.
-5. **Cascade** (``3d_fullres`` with ``previous_stage`` ``3d_lowres``, when the full-resolution network
-   was trained with the extra inputs): the low-resolution stage is predicted first, its label map
-   resampled to the full-resolution grid and appended as one-hot channels.
+5. **Cascade** (``3d_cascade_fullres``, whose ``previous_stage`` is ``3d_lowres``): the low-resolution
+   stage (the same folds) is predicted first, its label map resampled to the full-resolution grid
+   and appended as one-hot channels (:mod:`autoseg.cascade`), as in training.
 6. **Post-processing** from ``models/<config>/postprocessing.json`` (:mod:`autoseg.postprocessing`):
    the CRF step on the probabilities, the largest-component steps on the label map, both in
    preprocessed space, where cross-validation decided them.
@@ -57,6 +57,7 @@ from pydantic import TypeAdapter, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoseg.cascade import one_hot, previous_stage_values, to_stage_grid
 from autoseg.dataset import (
     CHANNEL_SUFFIX,
     CaseFiles,
@@ -564,7 +565,8 @@ def load_trained_model(model_dir: str | os.PathLike, configuration: str | None =
         folds: fold numbers (or ``"all"``); None: every trained fold.
         checkpoint: ``best`` (falls back to ``latest`` when a fold has no best) or ``latest``.
         device: where the networks live.
-        cascade: also load the previous stage when the networks were trained with its output.
+        cascade: also load a cascade configuration's previous stage (False: the caller supplies
+            the one-hot channels, as the end-of-fold validation does).
 
     Raises:
         PredictionError: nothing trained, an unknown fold, or networks that do not fit the plan.
@@ -595,35 +597,28 @@ def load_trained_model(model_dir: str | os.PathLike, configuration: str | None =
     decision = load_postprocessing(WorkDir(model_dir).models(name))
     model = TrainedModel(model_dir, plan, config, loaded, device, info.values, info.names, info.is_regions,
                          decision)
-    if cascade:
-        model.previous = _previous_stage(model, fold_names, checkpoint)
-    elif model.cascade_channels:
-        raise PredictionError(f"{loaded[0].checkpoint}: the network needs the previous stage's output")
+    previous = _previous_stage(model, fold_names, checkpoint, load=cascade)
+    model.previous = previous if cascade else None
     return model
 
 
-def _previous_stage(model: TrainedModel, fold_names: Sequence[str], checkpoint: str) -> TrainedModel | None:
-    """The previous stage of a cascade-trained model, or None (with a warning if the plan has one)."""
+def _previous_stage(model: TrainedModel, fold_names: Sequence[str], checkpoint: str,
+                    load: bool = True) -> TrainedModel | None:
+    """The previous stage of a cascade configuration (None for any other configuration, or not ``load``)."""
     config = model.configuration
-    extra = model.cascade_channels
-    if extra == 0:
-        if config.previous_stage:
-            note = (f"configuration {config.name!r} follows {config.previous_stage!r} in the plan, but its "
-                    f"networks take only the {model.base_channels} image channel(s): they were not trained "
-                    "as a cascade, so the previous stage is ignored")
-            model.notes.append(note)
-            warnings.warn(note, stacklevel=3)
-        return None
-    expected = model.num_outputs if model.is_regions else model.num_outputs - 1
-    if extra < 0 or config.previous_stage is None or extra != expected:
+    expected = len(previous_stage_values(model.plan.labels)) if config.previous_stage else 0
+    if model.cascade_channels != expected:
         raise PredictionError(f"{model.folds[0].checkpoint}: the network takes {model.in_channels} input channels; "
                               f"preprocessing gives {model.base_channels}"
-                              + (f" and the previous stage {expected} one-hot channels" if config.previous_stage
-                                 else " and the plan has no previous stage"))
+                              + (f" and the previous stage {config.previous_stage!r} {expected} one-hot channels"
+                                 if config.previous_stage else f" and configuration {config.name!r} is no cascade"))
+    if not config.previous_stage or not load:
+        return None
     previous_folds = trained_folds(model.model_dir, config.previous_stage)
     if not previous_folds:
         raise PredictionError(f"{WorkDir(model.model_dir).models(config.previous_stage)}: the cascade needs the "
                               f"previous stage {config.previous_stage!r}, which is not trained")
+    # the previous stage's folds matching the cascade's (each fold's inputs came from the same split)
     same = [f for f in fold_names if f in previous_folds]
     return load_trained_model(model.model_dir, config.previous_stage, same or previous_folds, checkpoint,
                               model.device, cascade=True)
@@ -670,17 +665,9 @@ def _label_map(model: TrainedModel, probabilities: torch.Tensor) -> np.ndarray:
 
 def _cascade_channels(model: TrainedModel, previous_labels: np.ndarray, previous_properties: dict,
                       properties: dict) -> np.ndarray:
-    """The previous stage's label map on this stage's grid, one-hot (foreground classes, or regions)."""
-    from autoseg.resampling import resample_label
-
-    shape = tuple(properties["shape_after_resampling"])
-    labels = previous_labels
-    if labels.shape != shape:
-        labels = resample_label(labels, previous_properties["spacing_after_resampling"],
-                                properties["spacing_after_resampling"], new_shape=shape, order=1,
-                                device=model.device)
-    values = model.label_values if model.is_regions else model.label_values[1:]
-    return np.stack([np.isin(labels, list(v)) for v in values]).astype(np.float32)
+    """The previous stage's label map on this stage's grid, one-hot (:mod:`autoseg.cascade`)."""
+    labels = to_stage_grid(previous_labels, previous_properties, properties, device=model.device)
+    return one_hot(labels, previous_stage_values(model.plan.labels))
 
 
 # --- folders --------------------------------------------------------------------------------------------
@@ -1001,7 +988,8 @@ def predict_validation_probabilities(work_dir: str | os.PathLike, configuration:
     """Write ``fold_k/validation/<case>_probabilities.npy`` (float16 ``(K, Z, Y, X)``, preprocessed space).
 
     The cases are the fold's validation predictions (``validation/<case>.npy``); images come from
-    ``preprocessed/<configuration>/``. Used by :func:`autoseg.postprocessing.find_postprocessing` to
+    the configuration's preprocessed data (and, for a cascade, the previous-stage predictions it
+    was validated with). Used by :func:`autoseg.postprocessing.find_postprocessing` to
     evaluate the CRF step. Existing files are kept unless ``overwrite``.
     """
     work = WorkDir(Path(work_dir))
@@ -1017,9 +1005,14 @@ def predict_validation_probabilities(work_dir: str | os.PathLike, configuration:
         written.append(target)
         if target.is_file() and not overwrite:
             continue
-        source = work.preprocessed(configuration) / f"{case_id}.npy"
+        source = work.preprocessed(model.configuration.data_name) / f"{case_id}.npy"
         try:
             image = np.load(source, mmap_mode="r", allow_pickle=False)
+            if model.cascade_channels:
+                stored = work.previous_stage(configuration) / f"{case_id}.npy"
+                source = stored
+                previous = np.load(stored, mmap_mode="r", allow_pickle=False)
+                image = np.concatenate([image, one_hot(previous, previous_stage_values(model.plan.labels))])
         except (OSError, ValueError) as error:
             raise PredictionError(f"{source}: cannot be read ({error})") from None
         probabilities = predict_preprocessed(model, image, step, tta).float().cpu().numpy().astype(np.float16)

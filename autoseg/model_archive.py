@@ -56,26 +56,14 @@ def _trained_folds(configuration_dir: Path) -> list[Path]:
     return sorted(folds, key=lambda p: (0, int(p.name[5:])) if p.name[5:].isdigit() else (1, 0))
 
 
-def _needs_previous_stage(work: Path, configuration: str, fold: Path) -> str | None:
-    """The previous stage a cascade-trained configuration needs at inference, else None."""
+def _previous_stage(work: Path, configuration: str) -> str | None:
+    """The previous stage a cascade configuration needs at inference, else None."""
     from autoseg.plan import PlanError, load_plan
 
     try:
-        plan = load_plan(work)
-        config = plan.configuration(configuration)
+        return load_plan(work).configuration(configuration).previous_stage
     except PlanError:
         return None
-    if not config.previous_stage:
-        return None
-    import torch
-
-    checkpoint = next(fold / c for c in CHECKPOINTS if (fold / c).is_file())
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    topology = state.get("topology") if isinstance(state, dict) else None
-    base = len(config.normalization) + len(config.ct_priors)
-    if isinstance(topology, dict) and int(topology.get("in_channels", base)) > base:
-        return config.previous_stage
-    return None
 
 
 def export_model(work_dir: str | os.PathLike, out_zip: str | os.PathLike,
@@ -86,7 +74,7 @@ def export_model(work_dir: str | os.PathLike, out_zip: str | os.PathLike,
         work_dir: the work folder (or an imported model folder).
         out_zip: the zip file to write.
         configurations: configurations to include; default every one with a trained fold. The
-            previous stage of a cascade-trained configuration is added when needed.
+            previous stage of a cascade configuration is added.
 
     Returns:
         The zip path.
@@ -107,7 +95,7 @@ def export_model(work_dir: str | os.PathLike, out_zip: str | os.PathLike,
             raise ModelArchiveError(f"{models / name}: configuration {name!r} has no trained fold; trained: "
                                     f"{', '.join(trained) or 'none'}")
     for name in list(wanted):
-        previous = _needs_previous_stage(work, name, _trained_folds(models / name)[0])
+        previous = _previous_stage(work, name)
         if previous and previous not in wanted:
             if previous not in trained:
                 raise ModelArchiveError(f"{models / previous}: {name!r} is a cascade stage that needs {previous!r}, "

@@ -25,11 +25,14 @@ from pydantic.dataclasses import dataclass
 
 from autoseg.utils import atomic_write_json, read_model_file, sha256_of_json, validate_model
 
-SCHEMA_VERSION = 1
-CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres")
+# 2: the cascade is its own configuration (3d_cascade_fullres) instead of a flag on 3d_fullres
+SCHEMA_VERSION = 2
+CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 NormalizationScheme = Literal["ct", "zscore", "none", "rescale01"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+# what decides the preprocessed arrays (configuration_hash; shared data must agree on them)
+_PREPROCESSING_FIELDS = ("spacing", "normalization", "resampling", "ct_priors")
 
 
 class PlanError(ValueError):
@@ -160,7 +163,13 @@ class Schedule:
 
 @dataclass(config=_STRICT)
 class Configuration:
-    """One trainable configuration (``2d``, ``3d_fullres`` or ``3d_lowres``)."""
+    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres``).
+
+    ``previous_stage`` makes it a cascade stage: the network takes, after the image and CT prior
+    channels, one one-hot channel per foreground class (or region) of the previous stage's
+    prediction (:func:`cascade_input_channels`). ``preprocessed_data`` names the configuration
+    whose preprocessed folder it trains on (the cascade shares ``3d_fullres``'s); None: its own.
+    """
 
     name: str
     spacing: tuple[float, float, float]
@@ -174,6 +183,7 @@ class Configuration:
     estimated_memory_gb: float = 0.0
     ct_priors: tuple[IntensityWindow, ...] = ()
     previous_stage: str | None = None
+    preprocessed_data: str | None = None
 
     def __post_init__(self) -> None:
         dim = self.topology.dim
@@ -187,13 +197,26 @@ class Configuration:
             raise ValueError(f"patch_size {list(self.patch_size)} is not a multiple of the network's total "
                              f"stride {list(stride)} on every axis")
         extra = len(self.ct_priors)
-        if self.topology.in_channels != len(self.normalization) + extra:
+        # a cascade stage's exact count depends on the plan's labels: Plan checks it
+        if self.topology.in_channels < self.base_channels or (
+                self.previous_stage is None and self.topology.in_channels != self.base_channels):
             raise ValueError(f"topology.in_channels is {self.topology.in_channels} but there are "
-                             f"{len(self.normalization)} channel(s) and {extra} prior channel(s)")
+                             f"{len(self.normalization)} channel(s) and {extra} prior channel(s)"
+                             + (" plus the previous stage's one-hot channels" if self.previous_stage else ""))
 
     @property
     def dim(self) -> int:
         return self.topology.dim
+
+    @property
+    def base_channels(self) -> int:
+        """Input channels preprocessing writes: the image channels and the CT prior windows."""
+        return len(self.normalization) + len(self.ct_priors)
+
+    @property
+    def data_name(self) -> str:
+        """The configuration whose ``preprocessed/`` folder this one reads."""
+        return self.preprocessed_data or self.name
 
 
 @dataclass(config=_STRICT)
@@ -233,9 +256,33 @@ class Plan:
             if len(configuration.normalization) != len(self.channel_names):
                 raise ValueError(f"configuration {key!r} normalizes {len(configuration.normalization)} "
                                  f"channel(s), the dataset has {len(self.channel_names)}")
-            if configuration.previous_stage and configuration.previous_stage not in self.configurations:
-                raise ValueError(f"configuration {key!r} follows {configuration.previous_stage!r}, "
-                                 "which the plan does not have")
+            if configuration.previous_stage:
+                self._check_cascade(key, configuration)
+            if configuration.preprocessed_data:
+                self._check_shared_data(key, configuration)
+
+    def _check_cascade(self, key: str, configuration: Configuration) -> None:
+        previous = configuration.previous_stage
+        if previous not in self.configurations:
+            raise ValueError(f"configuration {key!r} follows {previous!r}, which the plan does not have")
+        if previous == key or self.configurations[previous].previous_stage == key:
+            raise ValueError(f"configuration {key!r} and {previous!r} follow each other")
+        expected = configuration.base_channels + cascade_input_channels(self.labels)
+        if configuration.topology.in_channels != expected:
+            raise ValueError(f"configuration {key!r}: topology.in_channels is {configuration.topology.in_channels}, "
+                             f"a cascade stage takes {expected} ({configuration.base_channels} image/prior "
+                             f"channel(s) + {cascade_input_channels(self.labels)} one-hot channel(s) of {previous!r})")
+
+    def _check_shared_data(self, key: str, configuration: Configuration) -> None:
+        source = self.configurations.get(configuration.preprocessed_data or "")
+        if source is None or source.preprocessed_data:
+            raise ValueError(f"configuration {key!r} trains on the preprocessed data of "
+                             f"{configuration.preprocessed_data!r}, which the plan does not have (as a "
+                             "configuration with its own data)")
+        differing = [f for f in _PREPROCESSING_FIELDS if getattr(source, f) != getattr(configuration, f)]
+        if differing:
+            raise ValueError(f"configuration {key!r} shares the preprocessed data of {source.name!r} but its "
+                             f"{', '.join(differing)} differ(s)")
 
     def configuration(self, name: str) -> Configuration:
         """A configuration by name; the error lists the ones the plan has."""
@@ -280,4 +327,12 @@ def plan_hash(plan: Plan) -> str:
 def configuration_hash(plan: Plan, name: str) -> str:
     """A short hash of one configuration's preprocessing-relevant content."""
     data = plan_to_dict(plan)["configurations"][name]
-    return sha256_of_json({k: data[k] for k in ("spacing", "normalization", "resampling", "ct_priors")})
+    return sha256_of_json({k: data[k] for k in _PREPROCESSING_FIELDS})
+
+
+def cascade_input_channels(labels: dict[str, int | tuple[int, ...]]) -> int:
+    """One-hot channels a cascade stage takes from its previous stage: one per foreground class
+    (every label but background and ignore) or, for region labels, one per region."""
+    from autoseg.cascade import previous_stage_values
+
+    return len(previous_stage_values(labels))

@@ -43,8 +43,10 @@ patch (nnU-Net's order: patch first, then batch).
 **3d_lowres.** Planned when the full-resolution patch covers less than 25 % of the median image:
 the spacing grows in 3 % steps (only the axes finer than half the coarsest first, then all) until
 the planned patch covers 25 % of the median image at that spacing; dropped when its median image
-is not at least 2x smaller (in voxels) than full resolution's. ``3d_fullres.previous_stage`` then
-names ``3d_lowres`` (the cascade).
+is not at least 2x smaller (in voxels) than full resolution's. With it comes **3d_cascade_fullres**
+(nnU-Net's cascade): 3d_fullres's data, patch, batch and network, plus one one-hot input channel per
+foreground class of 3d_lowres's prediction (``previous_stage``); it trains on 3d_lowres's
+cross-validation predictions, so every 3d_lowres fold is trained first.
 
 **2d.** The full-resolution target spacing and median shape in-plane (``y, x``) with the 2D
 constants. ``Configuration.spacing`` stays a 3-tuple: its first entry is the median slice spacing,
@@ -108,6 +110,7 @@ from autoseg.plan import (
     Resampling,
     Schedule,
     Topology,
+    cascade_input_channels,
     save_plan,
 )
 from autoseg.utils import atomic_write, sha256_of_json
@@ -904,6 +907,9 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
         target, reason = fullres_target_spacing(spacings, shapes)
         median = np.median(resampled_shapes(spacings, shapes, target), axis=0)
         dataset_voxels = float(np.prod(median)) * fingerprint.num_cases
+        if "3d_cascade_fullres" in wanted and configurations is not None:
+            # the cascade trains on 3d_fullres's data and 3d_lowres's predictions: plan both
+            wanted |= {"3d_fullres", "3d_lowres"}
         if wanted & {"3d_fullres", "3d_lowres"}:
             ctx.note("3d_fullres", "spacing", target, reason)
             fullres, _ = _plan_configuration(ctx, "3d_fullres", tuple(target), tuple(median), dataset_voxels, 3)
@@ -920,11 +926,9 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
                 if "3d_lowres" in wanted:
                     planned["3d_lowres"] = lowres
             if "3d_fullres" in wanted:
-                if "3d_lowres" in planned:
-                    fullres = _replace(fullres, previous_stage="3d_lowres")
-                    ctx.note("3d_fullres", "previous_stage", "3d_lowres",
-                             "cascade: 3d_fullres can refine the 3d_lowres prediction")
                 planned["3d_fullres"] = fullres
+            if "3d_cascade_fullres" in wanted and "3d_lowres" in planned and "3d_fullres" in planned:
+                planned["3d_cascade_fullres"] = _cascade(ctx, fullres, dataset)
         if "2d" in wanted:
             spacing_2d = (float(np.median(spacings[:, 0])), target[1], target[2])
             ctx.note("2d", "spacing", spacing_2d, "3d_fullres target spacing in-plane; the first entry (median "
@@ -934,7 +938,8 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
         skipped = [c for c in configurations if c not in planned]
         for name in skipped:
             ctx.note(name, "configuration", "none", "requested, but it does not apply to this dataset"
-                     if fingerprint.is_2d or name != "3d_lowres" else "requested, but not needed (see above)")
+                     if fingerprint.is_2d or name not in ("3d_lowres", "3d_cascade_fullres")
+                     else "requested, but not needed (no 3d_lowres, see above)")
     if not planned:
         raise PlanError(f"none of the requested configurations {list(configurations or [])} applies to this "
                         f"{'2D' if fingerprint.is_2d else '3D'} dataset")
@@ -946,6 +951,32 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
                 configurations={n: planned[n] for n in order}, is_2d=fingerprint.is_2d,
                 regions_class_order=dataset.regions_class_order, gpu_memory_gb=gpu_memory_gb,
                 fingerprint_hash=sha256_of_json(fingerprint_to_dict(fingerprint)), decisions=tuple(ctx.decisions))
+
+
+def _cascade(ctx: _Context, fullres: Configuration, dataset: DatasetJson) -> Configuration:
+    """3d_fullres refining 3d_lowres's prediction: same data, patch and network plus one-hot inputs."""
+    extra = cascade_input_channels(dict(dataset.labels))
+    topology = _replace(fullres.topology, in_channels=fullres.topology.in_channels + extra)
+    estimated_gb = fullres.estimated_memory_gb
+    if estimated_gb:  # the extra input channels cost a little memory: re-estimate when 3d_fullres was
+        try:
+            estimated_gb = round(estimate_memory_bytes(topology, fullres.patch_size, fullres.batch_size) / GIB, 4)
+        except PlanError:
+            pass
+    cascade = _replace(fullres, name="3d_cascade_fullres", topology=topology, previous_stage="3d_lowres",
+                       preprocessed_data="3d_fullres", estimated_memory_gb=estimated_gb)
+    ctx.note("3d_cascade_fullres", "previous_stage", "3d_lowres",
+             "3d_lowres was planned: the cascade refines its prediction at full resolution, trained on "
+             "3d_lowres's cross-validation predictions (every 3d_lowres fold must be trained first)")
+    ctx.note("3d_cascade_fullres", "in_channels", topology.in_channels,
+             f"3d_fullres's {fullres.topology.in_channels} input channel(s) + {extra} one-hot channel(s) of "
+             "3d_lowres's prediction (one per foreground class or region)")
+    ctx.note("3d_cascade_fullres", "preprocessed_data", "3d_fullres",
+             "same spacing and normalization as 3d_fullres: its preprocessed data is shared, patch, batch "
+             "and network are 3d_fullres's")
+    ctx.note("3d_cascade_fullres", "estimated_memory_gb", estimated_gb,
+             f"3d_fullres's network with {topology.in_channels} input channels")
+    return cascade
 
 
 def _replace(configuration: Any, **changes: Any) -> Any:

@@ -693,7 +693,8 @@ def preprocess_dataset(work_dir: str | os.PathLike, configurations: Sequence[str
 
     Args:
         work_dir: the work folder holding ``plan.json`` (and ``fingerprint.json``).
-        configurations: names to preprocess; default all the plan's configurations.
+        configurations: names to preprocess; default all the plan's configurations. One that
+            shares another's preprocessed data (``3d_cascade_fullres``) stands for that one.
         n_jobs: parallel worker processes; default the number of cores.
         force: delete the configurations' existing outputs and redo every case.
         dataset_dir: the raw dataset; default ``fingerprint.json``'s ``"dataset_dir"``.
@@ -712,8 +713,8 @@ def preprocess_dataset(work_dir: str | os.PathLike, configurations: Sequence[str
     work = WorkDir(Path(work_dir))
     plan = load_plan(work.plan)
     names = list(configurations) if configurations else list(plan.configurations)
-    for name in names:
-        plan.configuration(name)
+    # a configuration that shares another's data (the cascade) preprocesses that one, once
+    names = list(dict.fromkeys(plan.configuration(name).data_name for name in names))
     source = _dataset_dir(work, dataset_dir)
     cases = training_cases(source)
     n_jobs = n_jobs or os.cpu_count() or 1

@@ -9,6 +9,8 @@
       preprocessed/<configuration>/     one .npy + .json per case, and a manifest
       models/<configuration>/fold_<k>/  checkpoints, logs, validation results
       models/<configuration>/splits.json
+      models/<cascade>/previous_stage/  a cascade's inputs: the previous stage's cross-validation
+                                        predictions on its grid (one .npy per case, a manifest)
 
 The default work folder is ``./autoseg_work/<dataset name>``; every command accepts ``--work``.
 No environment variable is read.
@@ -60,3 +62,7 @@ class WorkDir:
 
     def splits(self, configuration: str) -> Path:
         return self.models(configuration) / "splits.json"
+
+    def previous_stage(self, configuration: str) -> Path:
+        """A cascade configuration's stored previous-stage predictions (training inputs)."""
+        return self.models(configuration) / "previous_stage"

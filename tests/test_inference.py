@@ -217,24 +217,30 @@ def threshold_topology(dim: int, in_channels: int = 1, num_classes: int = 3, reg
                     options={"regions": True} if regions else {})
 
 
+CASCADE_CHANNELS = 2  # one-hot of the foreground classes (or of the regions)
+
+
 def configuration(name: str, dim: int, spacing: tuple[float, float, float], patch: Sequence[int],
                   regions: bool = False, previous_stage: str | None = None) -> Configuration:
     num_classes = 2 if regions else 3
+    in_channels = 1 + (CASCADE_CHANNELS if previous_stage else 0)
     return Configuration(
         name=name, spacing=spacing, patch_size=tuple(patch), batch_size=2, median_shape=(10, 24, 20),
         normalization=(ChannelNormalization(channel="CT", scheme="none"),),
-        topology=threshold_topology(dim, num_classes=num_classes, regions=regions),
-        schedule=Schedule(mirror_axes=tuple(range(dim))), previous_stage=previous_stage)
+        topology=threshold_topology(dim, in_channels, num_classes=num_classes, regions=regions),
+        schedule=Schedule(mirror_axes=tuple(range(dim))), previous_stage=previous_stage,
+        preprocessed_data="3d_fullres" if previous_stage else None)
 
 
 def make_plan(regions: bool = False, cascade: bool = False) -> Plan:
     configurations = {
-        "3d_fullres": configuration("3d_fullres", 3, (2.0, 1.0, 1.0), (8, 16, 16), regions,
-                                    "3d_lowres" if cascade else None),
+        "3d_fullres": configuration("3d_fullres", 3, (2.0, 1.0, 1.0), (8, 16, 16), regions),
         "2d": configuration("2d", 2, (3.0, 0.8, 0.8), (16, 16), regions),
     }
     if cascade:
         configurations["3d_lowres"] = configuration("3d_lowres", 3, (2.2, 1.8, 3.0), (8, 8, 8), regions)
+        configurations["3d_cascade_fullres"] = configuration("3d_cascade_fullres", 3, (2.0, 1.0, 1.0), (8, 16, 16),
+                                                             regions, previous_stage="3d_lowres")
     labels = REGIONS if regions else LABELS
     return Plan(dataset_name="Dataset998_Threshold", channel_names=("CT",),
                 labels={k: tuple(v) if isinstance(v, list) else v for k, v in labels.items()},
@@ -266,12 +272,10 @@ def make_model(root: Path, regions: bool = False, cascade: bool = False, folds: 
     atomic_write_json(work / "fingerprint.json", {"dataset_dir": "nowhere"})
     for fold in folds:
         save_fold(work, plan, "2d", fold)
+        save_fold(work, plan, "3d_fullres", fold)
         if cascade:
             save_fold(work, plan, "3d_lowres", fold)
-            extra = 2  # one-hot of the foreground classes (or of the regions)
-            save_fold(work, plan, "3d_fullres", fold, threshold_topology(3, 1 + extra, 2 if regions else 3, regions))
-        else:
-            save_fold(work, plan, "3d_fullres", fold)
+            save_fold(work, plan, "3d_cascade_fullres", fold)
     return work
 
 
@@ -417,12 +421,13 @@ def test_regions_are_rebuilt_into_label_values(tmp_path: Path) -> None:
 
 def test_cascade_feeds_the_previous_stage(tmp_path: Path) -> None:
     work = make_model(tmp_path, cascade=True, folds=("0",))
-    model = load_trained_model(work, "3d_fullres")
+    model = load_trained_model(work, "3d_cascade_fullres")
     assert model.cascade_channels == 2 and model.previous is not None
     assert model.previous.configuration.name == "3d_lowres"
+    assert load_trained_model(work, "3d_fullres").previous is None
     inputs = tmp_path / "in"
     (source,) = write_cases(inputs, count=1)
-    (output,) = predict_folder(work, inputs, tmp_path / "out", configuration="3d_fullres", progress=False)
+    (output,) = predict_folder(work, inputs, tmp_path / "out", configuration="3d_cascade_fullres", progress=False)
     (low,) = predict_folder(work, inputs, tmp_path / "low", configuration="3d_lowres", progress=False)
     prediction = read_image(output).array
     expected = expected_labels(read_image(source).array)
@@ -433,14 +438,18 @@ def test_cascade_feeds_the_previous_stage(tmp_path: Path) -> None:
         assert dice(prediction == value, expected == value) > 0.6
 
 
-def test_a_plan_cascade_without_cascade_training_is_ignored_with_a_warning(tmp_path: Path) -> None:
+def test_networks_whose_inputs_do_not_fit_the_configuration_are_refused(tmp_path: Path) -> None:
     work = tmp_path / "work"
     plan = make_plan(cascade=True)
     save_plan(plan, work / "plan.json")
-    save_fold(work, plan, "3d_fullres", "0")
-    with pytest.warns(UserWarning, match="not trained as a cascade"):
-        model = load_trained_model(work, "3d_fullres")
-    assert model.previous is None
+    save_fold(work, plan, "3d_lowres", "0")
+    # a cascade configuration's checkpoint without the one-hot inputs, and one with them elsewhere
+    save_fold(work, plan, "3d_cascade_fullres", "0", threshold_topology(3, 1, 3))
+    save_fold(work, plan, "3d_fullres", "0", threshold_topology(3, 3, 3))
+    with pytest.raises(PredictionError, match="previous stage '3d_lowres' 2 one-hot channels"):
+        load_trained_model(work, "3d_cascade_fullres")
+    with pytest.raises(PredictionError, match="'3d_fullres' is no cascade"):
+        load_trained_model(work, "3d_fullres")
 
 
 def test_missing_things_are_named(model_dir: Path, inputs: Path, tmp_path: Path) -> None:
@@ -495,7 +504,7 @@ def test_export_only_some_configurations(model_dir: Path, tmp_path: Path) -> Non
 
 def test_export_of_a_cascade_brings_the_previous_stage(tmp_path: Path) -> None:
     work = make_model(tmp_path, cascade=True, folds=("0",))
-    archive = export_model(work, tmp_path / "m.zip", configurations=["3d_fullres"])
+    archive = export_model(work, tmp_path / "m.zip", configurations=["3d_cascade_fullres"])
     with zipfile.ZipFile(archive) as z:
         assert "models/3d_lowres/fold_0/checkpoint_best.pt" in z.namelist()
 

@@ -3,6 +3,7 @@ configurations, CT priors, time budget, explanation, and the whole `plan` stage 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -16,7 +17,7 @@ from test_planning_golden import dataset_json, uniform_fingerprint
 from autoseg.dataset import load_dataset_json
 from autoseg.examples import make_example
 from autoseg.fingerprint import compute_fingerprint
-from autoseg.plan import PlanError, load_plan, save_plan
+from autoseg.plan import PlanError, configuration_hash, load_plan, save_plan
 from autoseg.planning import (
     CT_PRIOR_WINDOWS,
     GIB,
@@ -144,12 +145,27 @@ def test_batch_cap_and_minimum_batch():
     assert {c.batch_size for c in single.configurations.values()} == {2}
 
 
-def test_lowres_cascade_and_configuration_choice():
+def test_lowres_cascade_and_configuration_choice(tmp_path):
     fingerprint = uniform_fingerprint((1.0, 0.833, 0.833), (300, 480, 480), 50, ("CT",))
     plan = make_plan(fingerprint, dataset_json(("CT",), 2))
     fullres, lowres = plan.configuration("3d_fullres"), plan.configuration("3d_lowres")
     assert all(lo > hi for lo, hi in zip(lowres.spacing, fullres.spacing))
-    assert fullres.previous_stage == "3d_lowres" and lowres.previous_stage is None
+    assert fullres.previous_stage is None and lowres.previous_stage is None
+    # the cascade: 3d_fullres's data, patch and network plus one one-hot input per foreground class
+    cascade = plan.configuration("3d_cascade_fullres")
+    assert list(plan.configurations) == ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+    assert cascade.previous_stage == "3d_lowres" and cascade.preprocessed_data == "3d_fullres"
+    assert cascade.data_name == "3d_fullres" and fullres.data_name == "3d_fullres"
+    assert cascade.topology.in_channels == fullres.topology.in_channels + 1
+    assert cascade.topology == dataclasses.replace(fullres.topology, in_channels=2)
+    assert (cascade.patch_size, cascade.batch_size, cascade.spacing) == (fullres.patch_size, fullres.batch_size,
+                                                                         fullres.spacing)
+    assert fullres.estimated_memory_gb < cascade.estimated_memory_gb < fullres.estimated_memory_gb * 1.05
+    assert configuration_hash(plan, "3d_cascade_fullres") == configuration_hash(plan, "3d_fullres")
+    assert load_plan(save_plan(plan, tmp_path / "plan.json")) == plan
+    # asking for the cascade alone plans what it stands on
+    only_cascade = make_plan(fingerprint, dataset_json(("CT",), 2), configurations=["3d_cascade_fullres"])
+    assert set(only_cascade.configurations) == {"3d_fullres", "3d_lowres", "3d_cascade_fullres"}
     # the low-resolution patch covers at least a quarter of its median image, full resolution less
     assert math.prod(lowres.patch_size) / math.prod(lowres.median_shape) >= 0.25 - 0.01
     assert math.prod(fullres.patch_size) / math.prod(fullres.median_shape) < 0.25
@@ -161,7 +177,7 @@ def test_lowres_cascade_and_configuration_choice():
     assert only_lowres.configuration("3d_lowres") == lowres
     # small images need no low-resolution stage
     small = make_plan(uniform_fingerprint((1.0, 1.0, 1.0), (36, 50, 35), 10), dataset_json(("MRI",), 2))
-    assert "3d_lowres" not in small.configurations
+    assert "3d_lowres" not in small.configurations and "3d_cascade_fullres" not in small.configurations
     assert any(d.key == "configuration" and "not needed" in d.reason for d in small.decisions)
 
 
@@ -277,6 +293,43 @@ def test_hand_broken_plan_is_rejected(examples, tmp_path):
     data["configurations"]["3d_fullres"]["patch_size"][1] += 1
     path.write_text(json.dumps(data))
     with pytest.raises(PlanError, match="not a multiple of the network's total stride"):
+        load_plan(path)
+
+
+def test_hand_broken_cascade_is_rejected(tmp_path):
+    fingerprint = uniform_fingerprint((1.0, 0.833, 0.833), (300, 480, 480), 50, ("CT",))
+    path = save_plan(make_plan(fingerprint, dataset_json(("CT",), 3)), tmp_path / "plan.json")
+    good = json.loads(path.read_text())
+    assert good["configurations"]["3d_cascade_fullres"]["topology"]["in_channels"] == 1 + 2
+
+    def broken(change) -> str:
+        data = json.loads(json.dumps(good))
+        change(data["configurations"])
+        path.write_text(json.dumps(data))
+        with pytest.raises(PlanError) as error:
+            load_plan(path)
+        return str(error.value)
+
+    def channels(c):
+        c["3d_cascade_fullres"]["topology"]["in_channels"] = 2
+    assert "a cascade stage takes 3 (1 image/prior channel(s) + 2 one-hot channel(s)" in broken(channels)
+
+    def no_previous(c):
+        del c["3d_lowres"]
+    assert "follows '3d_lowres', which the plan does not have" in broken(no_previous)
+
+    def other_spacing(c):
+        c["3d_cascade_fullres"]["spacing"][0] = 2.0
+    assert "shares the preprocessed data of '3d_fullres' but its spacing differ" in broken(other_spacing)
+
+    def plain_with_extra(c):
+        c["3d_fullres"]["topology"]["in_channels"] = 3
+    assert "topology.in_channels is 3 but there are 1 channel(s)" in broken(plain_with_extra)
+
+    old = json.loads(json.dumps(good))
+    old["schema_version"] = 1
+    path.write_text(json.dumps(old))
+    with pytest.raises(PlanError, match="re-run `autoseg plan`"):
         load_plan(path)
 
 
