@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import matplotlib.image
 import numpy as np
 import pytest
+import skimage.morphology
 
 from autoseg.plan import ChannelNormalization, Configuration, Plan, Schedule, Topology, save_plan
 from autoseg.training.augment import (
@@ -16,8 +18,10 @@ from autoseg.training.augment import (
     _max_rotated_extent,
     _rotation_matrices,
     bias_field,
+    binary_morphology,
     build_augmentation,
     input_coordinates,
+    params_to_json,
     piecewise_linear,
     replay,
     rotation_matrix,
@@ -538,3 +542,207 @@ def test_prior_channels_move_with_the_image_but_keep_their_values():
                 expected = np.rot90(expected, op["k"], axes=(-2, -1))
         np.testing.assert_array_equal(out[b, 1], expected[1])
         assert not np.allclose(out[b, 0], expected[0])
+
+
+# --- cascade stages: the previous stage's one-hot prediction as extra input channels -------------
+
+CASCADE_OPS = {"binary_operator", "remove_component"}
+
+
+def make_cascade_configuration(patch: tuple[int, ...], classes: int = 2, channels=(CT, MRI),
+                               options: dict | None = None) -> Configuration:
+    base = make_configuration(patch, channels=channels, options=options)
+    topology = dataclasses.replace(base.topology, in_channels=base.base_channels + classes)
+    return dataclasses.replace(base, name="3d_cascade_fullres" if len(patch) == 3 else "2d_cascade",
+                               previous_stage="3d_lowres", topology=topology)
+
+
+CASCADE_CONFIGS = {"2d": make_cascade_configuration((16, 16)), "3d": make_cascade_configuration((8, 16, 16))}
+
+
+def cascade_batch(augmentation: Augmentation, batch: int, rng: np.random.Generator):
+    """Image channels and labels as random_batch, then one one-hot channel per previous-stage class."""
+    data, seg = random_batch(augmentation, batch, rng)
+    classes = len(augmentation.cascade_channels)
+    _, previous = random_batch(augmentation, batch, rng, labels=range(classes + 1))
+    one_hot = np.concatenate([previous == k for k in range(1, classes + 1)], axis=1)
+    return np.concatenate([data, one_hot.astype(np.float32)], axis=1), seg
+
+
+def assert_one_hot(channels: np.ndarray) -> None:
+    assert set(np.unique(channels)) <= {0.0, 1.0}
+    assert channels.sum(axis=1).max() <= 1.0
+
+
+def test_cascade_channels_come_from_the_previous_stage():
+    augmentation = build_augmentation(CASCADE_CONFIGS["3d"], "default")
+    assert augmentation.cascade_channels == (2, 3)
+    for configuration in CONFIGS.values():
+        plain = build_augmentation(configuration, "medical", ALL_ON)
+        assert plain.cascade_channels == ()
+        params = plain.sample(np.random.default_rng(0), plain.input_patch_size(), 4)
+        assert not {op["op"] for p in params for op in p["ops"]} & CASCADE_OPS
+        assert all("nearest_channels" not in op for p in params for op in p["ops"])
+
+
+@pytest.mark.parametrize("config_name", list(CASCADE_CONFIGS))
+def test_cascade_replay_is_exact_and_keeps_the_channels_one_hot(config_name):
+    configuration = CASCADE_CONFIGS[config_name]
+    # small radii: on a tiny patch, radius 8 empties or floods the channels
+    augmentation = build_augmentation(configuration, "medical", {**ALL_ON, "scaling": (0.8, 1.3),
+                                                                 "cascade_operator_radius": (1, 2)})
+    data, seg = cascade_batch(augmentation, 4, np.random.default_rng(0))
+    data_before = data.copy()
+    out, out_seg, params = augmentation(data, seg, np.random.default_rng(7))
+    assert out.shape == (4, 4, *configuration.patch_size)
+    for p in params:
+        names = [op["op"] for op in p["ops"]]
+        assert names[-len(CASCADE_OPS) - 1:] == ["binary_operator", "remove_component", "remove_component"]
+        assert p["ops"][0]["op"] == "spatial" and p["ops"][0]["nearest_channels"] == [2, 3]
+    # rotation, scaling, mirroring and both cascade ops leave them 0/1 and exclusive
+    assert_one_hot(out[:, 2:])
+    assert out[:, 2:].any()
+    for replayed in (replay(data, seg, params), replay(data, seg, json.loads(params_to_json(params)))):
+        np.testing.assert_array_equal(replayed[0], out)
+        np.testing.assert_array_equal(replayed[1], out_seg)
+    np.testing.assert_array_equal(data, data_before)
+
+
+def test_cascade_channels_are_resampled_nearest_and_old_params_still_bilinear():
+    configuration = CASCADE_CONFIGS["2d"]
+    augmentation = build_augmentation(configuration, "default", {"p_rotation": 1.0, "p_scaling": 1.0})
+    data, seg = cascade_batch(augmentation, 1, np.random.default_rng(1))
+    (params,) = augmentation.sample(np.random.default_rng(2), data.shape[2:], 1)
+    spatial = params["ops"][0]
+    only_spatial = {**params, "ops": [spatial]}
+    old = {**params, "ops": [{k: v for k, v in spatial.items() if k != "nearest_channels"}]}
+    out, out_seg = replay(data, seg, [only_spatial])
+    out_old, out_seg_old = replay(data, seg, [old])
+    # the image channels and the labels do not depend on the key; without it (old logs) every
+    # channel is interpolated, so the one-hot channels get fractional values
+    np.testing.assert_array_equal(out[:, :2], out_old[:, :2])
+    np.testing.assert_array_equal(out_seg, out_seg_old)
+    assert_one_hot(out[:, 2:])
+    assert not set(np.unique(out_old[:, 2:])) <= {0.0, 1.0}
+
+
+def test_intensity_ops_never_touch_cascade_channels_and_cascade_ops_never_the_image():
+    configuration = CASCADE_CONFIGS["3d"]
+    augmentation = build_augmentation(configuration, "medical", {**ALL_ON, **SPATIAL_OFF})
+    data, seg = cascade_batch(augmentation, 3, np.random.default_rng(3))
+    params = augmentation.sample(np.random.default_rng(4), data.shape[2:], 3)
+    for p in params:
+        for op in p["ops"]:
+            if op["op"] not in CASCADE_OPS:
+                assert all(c < 2 for c in op.get("channels", [op.get("channel", 0)]))
+    without_cascade = [{**p, "ops": [op for op in p["ops"] if op["op"] not in CASCADE_OPS]} for p in params]
+    only_cascade = [{**p, "ops": [op for op in p["ops"] if op["op"] == "crop" or op["op"] in CASCADE_OPS]}
+                    for p in params]
+    out, _ = replay(data, seg, without_cascade)
+    cascade_out, _ = replay(data, seg, only_cascade)
+    for b, p in enumerate(without_cascade):
+        expected = data[b]
+        for op in p["ops"]:
+            if op["op"] == "mirror":
+                expected = np.flip(expected, [1 + a for a in op["axes"]])
+            elif op["op"] == "rot90":
+                expected = np.rot90(expected, op["k"], axes=(-2, -1))
+        np.testing.assert_array_equal(out[b, 2:], expected[2:])
+        assert not np.allclose(out[b, :2], expected[:2])
+    np.testing.assert_array_equal(cascade_out[:, :2], data[:, :2])
+    assert not np.array_equal(cascade_out[:, 2:], data[:, 2:])
+
+
+@pytest.mark.parametrize("operation", ["dilation", "erosion", "opening", "closing"])
+def test_binary_morphology_equals_skimage_ball_and_disk(operation):
+    rng = np.random.default_rng(5)
+    for trial in range(24):
+        dim = 2 + trial % 2
+        shape = tuple(int(n) for n in rng.integers(5, 12, size=dim))
+        mask = rng.random(shape) < rng.uniform(0.05, 0.9)
+        if trial in (4, 5):
+            mask[:] = trial == 4  # a full and an empty mask
+        radius = int(rng.integers(1, 4))
+        footprint = skimage.morphology.disk(radius) if dim == 2 else skimage.morphology.ball(radius)
+        # mode="ignore": what lies beyond the border neither dilates into the mask nor erodes it
+        expected = getattr(skimage.morphology, operation)(mask, footprint, mode="ignore")
+        np.testing.assert_array_equal(binary_morphology(mask, operation, radius), expected,
+                                      err_msg=f"{operation} r={radius} shape {shape}")
+
+
+def test_binary_operator_takes_the_grown_voxels_from_the_other_channels():
+    image = np.zeros((3, 9, 9), dtype=np.float32)
+    image[0] = np.arange(81).reshape(9, 9)  # an image channel
+    image[1, 2:5, 2:5] = 1.0
+    image[2, 5:9, 2:5] = 1.0  # touches channel 1's block and the border
+    seg = np.zeros((1, 1, 9, 9), dtype=np.int16)
+    op = {"op": "binary_operator", "channels": [1, 2], "operations": ["dilation", "erosion"], "radius": 1}
+    params = [{"input_shape": [9, 9], "output_shape": [9, 9], "ops": [{"op": "crop"}, op]}]
+    (out,), _ = replay(image[None], seg, params)
+    grown = binary_morphology(image[1] > 0, "dilation", 1)
+    np.testing.assert_array_equal(out[1], grown)
+    # channel 2 lost its first row to channel 1, then was eroded (not from the border) to its centre column
+    expected = np.zeros((9, 9), dtype=bool)
+    expected[7:9, 3] = True
+    np.testing.assert_array_equal(out[2], expected)
+    np.testing.assert_array_equal(out[0], image[0])
+    assert_one_hot(out[None, 1:])
+
+
+def test_remove_component_takes_one_small_component_and_never_a_large_one():
+    mask = np.zeros((6, 20, 20), dtype=np.float32)
+    mask[1:5, 1:12, 1:12] = 1.0  # large: 484 voxels, 20% of the patch
+    mask[1, 15, 15] = mask[2, 16, 16] = 1.0  # small, one component through a corner (full connectivity)
+    mask[3:5, 15:17, 2:4] = 1.0  # small
+    mask[5, 18:20, 18:20] = 1.0  # small
+    image = np.stack([np.ones_like(mask), mask])
+    seg = np.zeros((1, 1, *mask.shape), dtype=np.int16)
+    small = [{(1, 15, 15), (2, 16, 16)}, {(z, y, x) for z in (3, 4) for y in (15, 16) for x in (2, 3)},
+             {(5, y, x) for y in (18, 19) for x in (18, 19)}]
+    removed_seen = set()
+    for seed in range(12):
+        op = {"op": "remove_component", "channel": 1, "seed": seed, "max_fraction": 0.15}
+        params = [{"input_shape": list(mask.shape), "output_shape": list(mask.shape), "ops": [{"op": "crop"}, op]}]
+        (out,), _ = replay(image[None], seg, params)
+        removed = {tuple(int(v) for v in i) for i in np.argwhere((mask == 1) & (out[1] == 0))}
+        assert removed in small, seed
+        removed_seen.add(small.index(removed))
+        np.testing.assert_array_equal(out[0], image[0])
+    assert removed_seen == {0, 1, 2}
+    # every component above the limit: nothing happens
+    op = {"op": "remove_component", "channel": 1, "seed": 0, "max_fraction": 0.0005}
+    params = [{"input_shape": list(mask.shape), "output_shape": list(mask.shape), "ops": [{"op": "crop"}, op]}]
+    np.testing.assert_array_equal(replay(image[None], seg, params)[0][0], image)
+
+
+def test_cascade_settings_presets_and_validation():
+    configuration = CASCADE_CONFIGS["3d"]
+    for preset in ("default", "medical", "light"):
+        settings = build_augmentation(configuration, preset).settings
+        assert (settings.p_cascade_binary_operator, settings.p_cascade_remove_component) == (0.4, 0.2)
+        assert settings.cascade_operator_radius == (1, 8) and settings.cascade_remove_max_fraction == 0.15
+    none = build_augmentation(configuration, "none", {"p_cascade_binary_operator": 1.0})
+    assert none.settings.p_cascade_binary_operator == 0.0 and none.settings.p_cascade_remove_component == 0.0
+    data, seg = cascade_batch(none, 2, np.random.default_rng(6))
+    out, _, params = none(data, seg, np.random.default_rng(6))
+    assert all(p["ops"] == [{"op": "crop"}] for p in params)
+    for bad in ({"cascade_operator_radius": (4, 2)}, {"cascade_operator_radius": (0, 2)},
+                {"cascade_operator_radius": (1.5, 2)}, {"cascade_remove_max_fraction": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            build_augmentation(configuration, "default", bad)
+    radius = build_augmentation(configuration, "default", {"p_cascade_binary_operator": 1.0,
+                                                           "cascade_operator_radius": (2, 3)})
+    radii = {op["radius"] for p in radius.sample(np.random.default_rng(0), (8, 16, 16), 20) for op in p["ops"]
+             if op["op"] == "binary_operator"}
+    assert radii == {2, 3}
+    with pytest.raises(ValueError, match="cascade stage takes 4"):
+        build_augmentation(configuration, "default")(data[:, :2], seg, np.random.default_rng(0))
+
+
+def test_summarize_params_names_the_cascade_ops():
+    augmentation = build_augmentation(CASCADE_CONFIGS["3d"], "default", ALL_ON)
+    (params,) = augmentation.sample(np.random.default_rng(0), augmentation.input_patch_size(), 1)
+    text = summarize_params(params)
+    (op,) = [op for op in params["ops"] if op["op"] == "binary_operator"]
+    assert f"cascade {'/'.join(dict.fromkeys(op['operations']))} r{op['radius']}" in text
+    assert text.count("cascade remove-cc") == 1

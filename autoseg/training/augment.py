@@ -19,12 +19,21 @@ One sample's parameters look like::
 The first op always brings the input to the patch size: ``crop`` (a centred crop) or ``spatial``
 (rotation, scaling and elastic deformation fused into one ``grid_sample`` resampling that also
 crops; image linear, label nearest, so the label map never gets a value the input did not have).
-Intensity ops follow, then mirroring and 90-degree rotations (exact array flips).
+Intensity ops follow, then mirroring and 90-degree rotations (exact array flips), then, for a
+cascade stage, the ops that corrupt the previous stage's prediction.
 
 Conventions: arrays are ``(B, C, z, y, x)`` or ``(B, C, y, x)``; intensities are already normalized
 (CT channels z-scored with the plan's dataset mean/std, so ``h`` HU is ``(h - mean) / std``).
 Intensity transforms touch only the channels listed in ``configuration.normalization``; extra
 channels (CT prior windows) are moved by the spatial ops and left otherwise unchanged.
+
+Cascade stages (``configuration.previous_stage`` set) get the previous stage's prediction as one
+one-hot channel per foreground class after the image and prior channels (0/1, at most one 1 per
+voxel). As in nnU-Net, the ``spatial`` op resamples them nearest-neighbour (listed in its
+``nearest_channels``), and two ops teach the network not to trust them blindly:
+``binary_operator`` (dilation, erosion, opening or closing with a ball of a few voxels) and
+``remove_component`` (one small connected component deleted). Both keep the channels 0/1 and
+mutually exclusive.
 
 ``scale`` follows nnU-Net/batchgenerators: output coordinates are multiplied by it, so
 ``scale > 1`` shows more context (structures look smaller) and the input patch must be
@@ -108,10 +117,17 @@ class AugmentationSettings:
     p_mirror: Probability = 0.5
     mirror_axes: tuple[int, ...] | None = None
     rot90: bool = False
+    # cascade stages only: corrupt the previous stage's one-hot prediction (nnU-Net's cascade
+    # ApplyRandomBinaryOperatorTransform and RemoveRandomConnectedComponentFromOneHotEncodingTransform)
+    p_cascade_binary_operator: Probability = 0.4
+    cascade_operator_radius: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1, 8)
+    p_cascade_remove_component: Probability = 0.2
+    cascade_remove_max_fraction: Probability = 0.15
 
     def __post_init__(self) -> None:
         for name in ("scaling", "noise_variance", "blur_sigma", "brightness", "contrast", "lowres_zoom",
-                     "gamma", "ct_tissue_slope", "poisson_counts", "metal_streak_hu"):
+                     "gamma", "ct_tissue_slope", "poisson_counts", "metal_streak_hu",
+                     "cascade_operator_radius"):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name}: low {low} > high {high}")
@@ -124,12 +140,20 @@ def _all_off() -> dict[str, Any]:
     return off
 
 
+def _cascade_defaults() -> dict[str, Any]:
+    # the cascade ops teach distrust of the previous stage rather than add image variety: every
+    # preset but "none" keeps them on, however light its image augmentation
+    fields = AugmentationSettings.__dataclass_fields__  # type: ignore[attr-defined]
+    names = ("p_cascade_binary_operator", "p_cascade_remove_component")
+    return {name: fields[name].default for name in names}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "medical": {"p_elastic": 0.2, "p_ct_tissue": 0.2, "p_poisson_noise": 0.1, "p_metal": 0.05,
                 "p_bias_field": 0.3},
-    "light": {**_all_off(), "p_mirror": 0.5, "p_brightness": 0.15, "brightness": (0.9, 1.1),
-              "p_contrast": 0.15, "contrast": (0.9, 1.1), "p_gaussian_noise": 0.1,
+    "light": {**_all_off(), **_cascade_defaults(), "p_mirror": 0.5, "p_brightness": 0.15,
+              "brightness": (0.9, 1.1), "p_contrast": 0.15, "contrast": (0.9, 1.1), "p_gaussian_noise": 0.1,
               "noise_variance": (0.0, 0.01), "p_gamma": 0.15, "gamma": (0.9, 1.1)},
     "none": _all_off(),
 }
@@ -197,6 +221,11 @@ class Augmentation:
             raise ValueError(f"mirror axes {list(axes)} of configuration {configuration.name!r}: {bad} "
                              f"outside 0..{self.dim - 1}")
         self.mirror_axes = tuple(sorted(set(int(a) for a in axes)))
+        self.in_channels = configuration.topology.in_channels
+        # the previous stage's one-hot prediction follows the image and prior channels
+        self.cascade_channels: tuple[int, ...] = (
+            tuple(range(configuration.base_channels, self.in_channels))
+            if configuration.previous_stage is not None else ())
 
     def __repr__(self) -> str:
         return (f"Augmentation(patch_size={self.patch_size}, dummy_2d={self.dummy_2d}, "
@@ -265,7 +294,8 @@ class Augmentation:
                         self._sample_gaussian_noise, self._sample_poisson_noise, self._sample_blur,
                         self._sample_brightness, self._sample_contrast, self._sample_lowres,
                         self._sample_gamma_inverted, self._sample_gamma, self._sample_mirror,
-                        self._sample_rot90):
+                        self._sample_rot90, self._sample_cascade_binary_operator,
+                        self._sample_cascade_remove_component):
             ops.extend(sampler(rng))
         return {"input_shape": list(shape_in), "output_shape": list(self.patch_size), "ops": ops}
 
@@ -290,7 +320,11 @@ class Augmentation:
             elastic = self._sample_elastic(rng)
         if not any(angles) and all(v == 1.0 for v in scale) and elastic is None:
             return None
-        return {"op": "spatial", "rotation_deg": angles, "scale": scale, "elastic": elastic}
+        op = {"op": "spatial", "rotation_deg": angles, "scale": scale, "elastic": elastic}
+        if self.cascade_channels:
+            # interpolating one-hot channels would make them fractional and overlapping
+            op["nearest_channels"] = list(self.cascade_channels)
+        return op
 
     def _sample_elastic(self, rng: np.random.Generator) -> dict:
         """A coarse random displacement grid (voxels), linearly upsampled when applied: smooth and
@@ -438,6 +472,24 @@ class Augmentation:
         k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
         return [{"op": "rot90", "k": k}] if k else []
 
+    def _sample_cascade_binary_operator(self, rng: np.random.Generator) -> list[dict]:
+        s = self.settings
+        if not self.cascade_channels or not _fires(rng, s.p_cascade_binary_operator):
+            return []
+        channels = [int(c) for c in rng.permutation(self.cascade_channels)]
+        operations = [MORPHOLOGY_OPERATIONS[int(i)] for i in rng.integers(0, len(MORPHOLOGY_OPERATIONS),
+                                                                         size=len(channels))]
+        low, high = s.cascade_operator_radius
+        return [{"op": "binary_operator", "channels": channels, "operations": operations,
+                 "radius": int(rng.integers(low, high + 1))}]
+
+    def _sample_cascade_remove_component(self, rng: np.random.Generator) -> list[dict]:
+        s = self.settings
+        if not self.cascade_channels or not _fires(rng, s.p_cascade_remove_component):
+            return []
+        return [{"op": "remove_component", "channel": c, "seed": _seed(rng),
+                 "max_fraction": s.cascade_remove_max_fraction} for c in self.cascade_channels]
+
     # --- applying -------------------------------------------------------------------------------
 
     def apply(self, data: np.ndarray, seg: np.ndarray, params: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -451,6 +503,11 @@ class Augmentation:
         if data.shape[1] < len(self.normalization):
             raise ValueError(f"data has {data.shape[1]} channel(s), the configuration normalizes "
                              f"{len(self.normalization)}")
+        if self.cascade_channels and data.shape[1] < self.in_channels:
+            first, last = self.cascade_channels[0], self.cascade_channels[-1]
+            raise ValueError(f"data has {data.shape[1]} channel(s), the cascade stage takes "
+                             f"{self.in_channels} (channels {first}..{last}: the previous stage's one-hot "
+                             "prediction)")
         params = self.sample(rng, data.shape[2:], data.shape[0])
         out_data, out_seg = replay(data, seg, params)
         return out_data, out_seg, params
@@ -503,10 +560,10 @@ def replay_sample(image: np.ndarray, seg: np.ndarray, params: dict) -> tuple[np.
             owned = True
         elif name in _GEOMETRIC:
             image, seg = _GEOMETRIC[name](image, op), _GEOMETRIC[name](seg, op)
-        elif name in _INTENSITY:
+        elif name in _IN_PLACE:
             if not owned:
                 image, owned = image.copy(), True
-            _INTENSITY[name](image, op)
+            _IN_PLACE[name](image, op)
         else:
             raise ValueError(f"unknown augmentation op {name!r}")
     if image.shape[1:] != out_shape:
@@ -595,13 +652,23 @@ def _apply_spatial(image: np.ndarray, seg: np.ndarray, op: dict,
     # centres) with the last axis in x, y, z order
     scale = torch.tensor([2.0 / (s - 1) if s > 1 else 0.0 for s in in_shape]).reshape(-1, *(1,) * len(out_shape))
     grid = (coordinates * scale - 1.0).flip(0).movedim(0, -1)[None]
+    nearest = [int(c) for c in op.get("nearest_channels", ())]
+    if not nearest:
+        out_image = _grid_sample(image, grid, "bilinear")
+    else:
+        linear = [c for c in range(image.shape[0]) if c not in nearest]
+        out_image = np.empty((image.shape[0], *out_shape), dtype=np.float32)
+        out_image[linear] = _grid_sample(image[linear], grid, "bilinear")
+        out_image[nearest] = _grid_sample(image[nearest], grid, "nearest")
+    out_seg = _grid_sample(seg_block, grid, "nearest")
+    return out_image, np.rint(out_seg).astype(seg.dtype)
+
+
+def _grid_sample(array: np.ndarray, grid: torch.Tensor, mode: str) -> np.ndarray:
     # border padding: a sample that reaches past the input (it should not, given
     # input_patch_size) repeats the edge instead of inventing a value or label 0
-    image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    out_image = F.grid_sample(image_t, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
-    seg_t = torch.from_numpy(np.ascontiguousarray(seg_block, dtype=np.float32))[None]
-    out_seg = F.grid_sample(seg_t, grid, mode="nearest", padding_mode="border", align_corners=True)[0]
-    return out_image.numpy(), np.rint(out_seg.numpy()).astype(seg.dtype)
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    return F.grid_sample(tensor, grid, mode=mode, padding_mode="border", align_corners=True)[0].numpy()
 
 
 def _mirror(array: np.ndarray, op: dict) -> np.ndarray:
@@ -753,6 +820,110 @@ _INTENSITY: dict[str, Callable[[np.ndarray, dict], None]] = {
 }
 
 
+# --- cascade ops: modify the previous stage's one-hot channels of image (C, *spatial) in place ----
+
+
+MORPHOLOGY_OPERATIONS = ("dilation", "erosion", "opening", "closing")
+
+
+def _binary_operator(image: np.ndarray, op: dict) -> None:
+    """One morphological operation per listed channel, in the listed order; the voxels a channel
+    gains are taken from the other listed channels, so the one-hot channels stay exclusive."""
+    channels = [int(c) for c in op["channels"]]
+    for channel, operation in zip(channels, op["operations"], strict=True):
+        before = image[channel] > 0.5
+        after = binary_morphology(before, operation, int(op["radius"]))
+        image[channel] = after
+        gained = after & ~before
+        for other in channels:
+            if other != channel:
+                image[other][gained] = 0.0
+
+
+def binary_morphology(mask: np.ndarray, operation: str, radius: int) -> np.ndarray:
+    """Binary dilation, erosion, opening or closing of ``mask`` with a ball (disk in 2D) of
+    ``radius`` voxels: skimage's ``ball``/``disk`` footprint, offsets with ``|o|^2 <= radius^2``.
+
+    The patch border is ignored, as by skimage's ``mode="ignore"``: no voxel outside the array
+    dilates into it or erodes it (the patch is a crop; what lies beyond is unknown). Computed with
+    Euclidean distance transforms over the mask's bounding box instead of a structuring element,
+    whose cost grows with the ball's volume (seconds for radius 8 on a 64x128x128 patch).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if operation == "dilation":
+        return _dilate(mask, radius)
+    if operation == "erosion":
+        return _erode(mask, radius)
+    if operation == "opening":
+        return _dilate(_erode(mask, radius), radius)
+    if operation == "closing":
+        return _erode(_dilate(mask, radius), radius)
+    raise ValueError(f"unknown morphological operation {operation!r}; choose one of "
+                     f"{', '.join(MORPHOLOGY_OPERATIONS)}")
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    out = np.zeros_like(mask)
+    # every voxel within the radius of the mask lies in its bounding box grown by the radius
+    box = _bounding_box(mask, radius)
+    if box is not None:
+        # distances are square roots of integers: exact at integer radii, so <= matches |o|^2 <= r^2
+        out[box] = ndimage.distance_transform_edt(~mask[box]) <= radius
+    return out
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    out = np.zeros_like(mask)
+    # one background layer around the bounding box (where the array has one) holds, for every
+    # voxel inside, a background voxel at least as close as any background voxel further out
+    box = _bounding_box(mask, 1)
+    if box is None:
+        return out
+    inside = mask[box]
+    if inside.all():  # the mask fills the array: with the border ignored nothing erodes
+        out[box] = True
+    else:
+        out[box] = ndimage.distance_transform_edt(inside) > radius
+    return out
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The mask's bounding box grown by ``margin`` voxels and clipped to the array; None if empty."""
+    box = []
+    for axis, size in enumerate(mask.shape):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(0, int(hits[0]) - margin), min(size, int(hits[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def _remove_component(image: np.ndarray, op: dict) -> None:
+    """Delete one connected component of the channel, drawn among those covering at most
+    ``max_fraction`` of the patch (nnU-Net: a large structure is never removed whole).
+
+    Components use full connectivity (26 neighbours in 3D, 8 in 2D), like skimage.measure.label's
+    default that nnU-Net uses.
+    """
+    c = op["channel"]
+    mask = image[c] > 0.5
+    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    if count == 0:
+        return
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    small = np.flatnonzero(sizes <= op["max_fraction"] * mask.size) + 1
+    if small.size == 0:
+        return
+    chosen = small[np.random.default_rng(op["seed"]).integers(small.size)]
+    image[c][labels == chosen] = 0.0
+
+
+_CASCADE: dict[str, Callable[[np.ndarray, dict], None]] = {
+    "binary_operator": _binary_operator, "remove_component": _remove_component,
+}
+_IN_PLACE = {**_INTENSITY, **_CASCADE}
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
 
@@ -847,6 +1018,10 @@ def summarize_params(params: dict, digits: int = 2) -> str:
             parts.append("mirror" + str(op["axes"]).replace(" ", ""))
         elif name == "rot90":
             parts.append(f"rot90x{op['k']}")
+        elif name == "binary_operator":
+            parts.append(f"cascade {'/'.join(dict.fromkeys(op['operations']))} r{op['radius']}")
+        elif name == "remove_component":
+            parts.append("cascade remove-cc")
         else:
             value = next((op[k] for k in ("factor", "gamma", "zoom", "std", "counts") if k in op), None)
             short = {"gaussian_noise": "noise", "poisson_noise": "poisson", "gaussian_blur": "blur",
