@@ -678,9 +678,21 @@ def _configuration_summary(configuration: Any) -> dict[str, Any]:
 
 
 def _planned(ctx: _Context) -> list[str]:
+    """The configurations with data of their own (the cascade shares 3d_fullres's)."""
     from autoseg.plan import load_plan
 
-    return list(load_plan(ctx.work).configurations)
+    return [n for n, c in load_plan(ctx.work).configurations.items() if c.preprocessed_data is None]
+
+
+def _skip_cascade(ctx: _Context, stage: str, configuration: Any) -> bool:
+    """The cascade needs every fold of its previous stage: not measured (its network is 3d_fullres's
+    with a few more input channels, so 3d_fullres's figures stand for it)."""
+    if not configuration.previous_stage:
+        return False
+    ctx.say(f"[{stage}] {configuration.name}: not measured (needs every {configuration.previous_stage} fold; "
+            f"its network is {configuration.preprocessed_data or 'full resolution'}'s with "
+            f"{configuration.topology.in_channels - configuration.base_channels} more input channel(s))")
+    return True
 
 
 def _bench_preprocess(ctx: _Context) -> None:
@@ -709,6 +721,8 @@ def _bench_train(ctx: _Context) -> None:
     plan = load_plan(ctx.work)
     ctx.results["train"] = {}
     for name in plan.configurations:
+        if _skip_cascade(ctx, "train", plan.configuration(name)):
+            continue
         try:
             params = {"work": str(ctx.work), "configuration": name, "device": ctx.device, "repeats": ctx.repeats,
                       "iterations": ctx.iterations}
@@ -768,6 +782,8 @@ def _bench_predict(ctx: _Context) -> None:
     from autoseg.workdir import WorkDir
 
     for name in plan.configurations:
+        if _skip_cascade(ctx, "predict", plan.configuration(name)):
+            continue
         if not (WorkDir(ctx.work).fold(name, "all") / "checkpoint_latest.pt").is_file():
             ctx.errors[f"predict/{name}"] = "no trained model (the train stage failed or did not run)"
             continue

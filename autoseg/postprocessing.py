@@ -356,9 +356,10 @@ def _fold_names(models_dir: Path, folds: Sequence[int | str] | None) -> list[str
     return names
 
 
-def _validation_cases(work: WorkDir, configuration: str, folds: Sequence[str]) -> list[_ValidationCase]:
+def _validation_cases(work: WorkDir, configuration: str, folds: Sequence[str],
+                      data_name: str | None = None) -> list[_ValidationCase]:
     models = work.models(configuration)
-    preprocessed = work.preprocessed(configuration)
+    preprocessed = work.preprocessed(data_name or configuration)
     cases: dict[str, _ValidationCase] = {}
     for fold in folds:
         folder = models / f"fold_{fold}" / VALIDATION_DIR
@@ -429,7 +430,7 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
 
         for fold in fold_names:
             predict_validation_probabilities(work.root, configuration, fold, device=device, progress=progress)
-    cases = _validation_cases(work, configuration, fold_names)
+    cases = _validation_cases(work, configuration, fold_names, config.data_name)
     if not cases:
         raise PostprocessingError(f"no validation predictions in folds {fold_names} of "
                                   f"{work.models(configuration)}")

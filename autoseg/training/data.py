@@ -6,6 +6,8 @@
   the last ``ceil(oversample_foreground * batch_size)`` patches centred on a random voxel of a random
   present foreground class, border padding with 0 (image) and -1 (labels, i.e. background), then
   the augmentation, then :meth:`LabelInfo.encode`. 2D configurations draw one Z slice per sample.
+  A cascade stage's loader appends the previous stage's prediction, cropped with the same window,
+  as one-hot channels before the augmentation (:mod:`autoseg.training.previous_stage`).
 * :class:`BatchStream` iterates a loader in the main process (``workers=0``, errors keep their real
   traceback) or in ``workers`` background processes through batchgenerators'
   ``MultiThreadedAugmenter``; a worker's error comes back as :class:`DataLoadingError` with the case
@@ -137,6 +139,16 @@ class PreprocessedDataset:
         return {c: set(self.class_locations(c)) for c in (case_ids or self.case_ids)}
 
 
+class PreviousStageInput(Protocol):
+    """What the loader needs from :class:`autoseg.training.previous_stage.PreviousStage`."""
+
+    folder: Path
+
+    def load(self, case_id: str) -> np.ndarray: ...
+
+    def one_hot(self, label_map: np.ndarray) -> np.ndarray: ...
+
+
 # --- patches -----------------------------------------------------------------------------------------
 
 
@@ -190,6 +202,8 @@ class PatchLoader(DataLoader):
             foreground voxel.
         augmentation: called as ``augmentation(data, seg, rng)`` in the worker; its
             ``input_patch_size`` decides how large the drawn patch is. None: no augmentation.
+        previous_stage: a cascade stage's stored previous-stage predictions: cropped with the
+            same window and appended to the image as one-hot channels (before the augmentation).
         seed, stream, rank: identify the random stream (see the module docstring).
         start_batch: index of the first batch this loader produces (resume).
         as_tensors: return torch tensors (so the augmenter can pin them for CUDA).
@@ -197,8 +211,9 @@ class PatchLoader(DataLoader):
 
     def __init__(self, dataset: PreprocessedDataset, case_ids: Sequence[str], patch_size: Sequence[int],
                  batch_size: int, label_info: LabelInfo, *, oversample_foreground: float = 0.33,
-                 augmentation: Augmentation | None = None, seed: int = 0, stream: int = TRAIN_STREAM,
-                 rank: int = 0, start_batch: int = 0, as_tensors: bool = False) -> None:
+                 augmentation: Augmentation | None = None, previous_stage: PreviousStageInput | None = None,
+                 seed: int = 0, stream: int = TRAIN_STREAM, rank: int = 0, start_batch: int = 0,
+                 as_tensors: bool = False) -> None:
         super().__init__(list(case_ids), batch_size, num_threads_in_multithreaded=1, infinite=True,
                          shuffle=False, return_incomplete=False)
         if not case_ids:
@@ -212,6 +227,7 @@ class PatchLoader(DataLoader):
         self.label_info = label_info
         self.num_forced = math.ceil(round(oversample_foreground * batch_size, 9))
         self.augmentation = augmentation
+        self.previous_stage = previous_stage
         self.input_patch_size = (tuple(augmentation.input_patch_size(self.patch_size))
                                  if augmentation is not None else self.patch_size)
         self.seed, self.stream, self.rank = seed, stream, rank
@@ -286,6 +302,10 @@ class PatchLoader(DataLoader):
     def _sample(self, case_id: str, force: bool, rng: np.random.Generator,
                 dim: int) -> tuple[np.ndarray, np.ndarray]:
         image, seg = self.dataset.load(case_id)
+        previous = self.previous_stage.load(case_id) if self.previous_stage is not None else None
+        if previous is not None and previous.shape != seg.shape:
+            raise ValueError(f"{self.previous_stage.folder / case_id}.npy: shape {previous.shape} differs from the "  # type: ignore[union-attr]
+                             f"preprocessed case's {seg.shape}")
         center = None
         if force:
             locations = self.dataset.class_locations(case_id)
@@ -296,10 +316,15 @@ class PatchLoader(DataLoader):
         if dim == 2:
             z = int(center[0]) if center is not None else int(rng.integers(image.shape[1]))
             image, seg = image[:, z], seg[z]
+            previous = previous[z] if previous is not None else None
             center = None if center is None else center[1:]
         start = patch_start(seg.shape, self.input_patch_size, rng, center)
-        return (crop_and_pad(image, start, self.input_patch_size, IMAGE_PAD_VALUE),
-                crop_and_pad(seg, start, self.input_patch_size, LABEL_PAD_VALUE))
+        image_patch = crop_and_pad(image, start, self.input_patch_size, IMAGE_PAD_VALUE)
+        if previous is not None:
+            # outside the case the previous stage saw background: 0 in every one-hot channel
+            previous_patch = crop_and_pad(previous, start, self.input_patch_size, 0)
+            image_patch = np.concatenate([image_patch, self.previous_stage.one_hot(previous_patch)])  # type: ignore[union-attr]
+        return image_patch, crop_and_pad(seg, start, self.input_patch_size, LABEL_PAD_VALUE)
 
 
 def _attach_case(error: BaseException, case: str, folder: Path) -> None:

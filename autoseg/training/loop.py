@@ -6,6 +6,10 @@ monitoring (:mod:`.monitor`), several processes (:mod:`.distributed`) and the en
 validation (:mod:`.validation`). Nothing is subclassed: every knob is a schedule field that the
 plan sets and :class:`TrainOverrides` may override, and the overrides are recorded in the fold folder.
 
+A cascade configuration (``previous_stage`` set, ``3d_cascade_fullres``) trains on the data of
+``preprocessed_data`` with the previous stage's cross-validation predictions as extra one-hot input
+channels and the previous stage's folds (:mod:`.previous_stage`).
+
 Optimization (nnU-Net's): SGD with Nesterov momentum, poly learning-rate decay
 ``lr = initial_lr * (1 - epoch / epochs) ** lr_decay_exponent`` set at the start of each epoch,
 gradient-norm clipping, automatic mixed precision (float16 autocast and a gradient scaler) on CUDA
@@ -38,6 +42,7 @@ from pydantic import TypeAdapter, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoseg.cascade import previous_stage_values
 from autoseg.networks import build_network
 from autoseg.plan import (
     Configuration,
@@ -77,6 +82,7 @@ from autoseg.training.distributed import (
 from autoseg.training.errors import TrainingError
 from autoseg.training.labels import LabelInfo
 from autoseg.training.losses import build_loss
+from autoseg.training.previous_stage import PreviousStage, prepare_previous_stage, previous_stage_splits
 from autoseg.training.splits import fold_cases, load_or_create_splits
 from autoseg.training.validation import predict_and_score, summarize_validation
 from autoseg.utils import atomic_write_json, read_json
@@ -178,6 +184,7 @@ class _Run:
     loss: nn.Module
     progress: Progress
     fold: int | str
+    previous_stage: PreviousStage | None = None
     in_optimizer_step: bool = False
 
     @property
@@ -205,7 +212,8 @@ def train(
 
     Args:
         work_dir: the work folder (``plan.json`` and ``preprocessed/<configuration>/``).
-        configuration: ``2d``, ``3d_fullres``, ``3d_lowres``.
+        configuration: ``2d``, ``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres`` (after every
+            fold of ``3d_lowres``).
         fold: a fold number of ``splits.json`` (created on first use: 5 folds, or one per case
             with fewer cases), or ``"all"`` to train on every case (no held-out validation).
         overrides: schedule fields to change for this run.
@@ -227,7 +235,8 @@ def train(
         if context.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError("device cuda was asked for but torch sees no CUDA device; use --device cpu")
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // context.world_size))
-        run = _assemble(context, Path(work_dir), configuration, fold, overrides, resume, pretrained)
+        run = _assemble(context, Path(work_dir), configuration, fold, overrides, resume, pretrained,
+                        progress and context.is_main)
         workers = default_workers(context.world_size) if workers is None else workers
         trained = _fit(run, workers, progress and context.is_main)
         if trained or not (run.fold_dir / VALIDATION_DIR / "summary.json").exists():
@@ -241,7 +250,8 @@ def train(
 
 
 def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int | str,
-              overrides: TrainOverrides | None, resume: bool, pretrained: str | os.PathLike | None) -> _Run:
+              overrides: TrainOverrides | None, resume: bool, pretrained: str | os.PathLike | None,
+              show_progress: bool = False) -> _Run:
     work = WorkDir(work_dir)
     plan = load_plan(work.plan)
     configuration = plan.configuration(name)
@@ -282,9 +292,11 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
 
     label_info = LabelInfo.from_labels(plan.labels)
     label_info.check_network(topology.num_classes, "the network's num_classes")
-    dataset = PreprocessedDataset(work.preprocessed(name))
+    dataset = PreprocessedDataset(work.preprocessed(configuration.data_name))
     _check_manifest(dataset, plan, name)
-    train_cases, val_cases = _fold_cases(context, work, name, fold, dataset)
+    _check_channels(dataset, configuration)
+    train_cases, val_cases = _fold_cases(context, work, configuration, fold, dataset)
+    previous_stage = _previous_stage(context, work, plan, configuration, dataset, show_progress)
 
     torch.manual_seed(schedule.seed)  # the same seed builds the same initial weights
     network = build_network(topology).to(context.device)
@@ -312,7 +324,7 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
         effective = dataclasses.replace(plan, configurations={**plan.configurations, name: configuration})
         save_plan(effective, fold_dir / PLAN_FILE)
     return _Run(context, plan, configuration, fold_dir, label_info, dataset, train_cases, val_cases, network,
-                model, optimizer, scaler, loss, progress, fold)
+                model, optimizer, scaler, loss, progress, fold, previous_stage)
 
 
 def _check_manifest(dataset: PreprocessedDataset, plan: Plan, name: str) -> None:
@@ -322,16 +334,38 @@ def _check_manifest(dataset: PreprocessedDataset, plan: Plan, name: str) -> None
                             f"configuration {name!r} (configuration_hash differs); re-run `autoseg preprocess`")
 
 
-def _fold_cases(context: DistributedContext, work: WorkDir, name: str, fold: int | str,
+def _check_channels(dataset: PreprocessedDataset, configuration: Configuration) -> None:
+    image, _ = dataset.load(dataset.case_ids[0])
+    if image.shape[0] != configuration.base_channels:
+        raise TrainingError(f"{dataset.folder / dataset.case_ids[0]}.npy has {image.shape[0]} channel(s), "
+                            f"configuration {configuration.name!r} expects {configuration.base_channels} (image and "
+                            "CT prior channels); re-run `autoseg preprocess`")
+
+
+def _fold_cases(context: DistributedContext, work: WorkDir, configuration: Configuration, fold: int | str,
                 dataset: PreprocessedDataset) -> tuple[list[str], list[str]]:
     if fold == "all":
         return fold_cases([], "all", dataset.case_ids)
-    path = work.splits(name)
+    # a cascade stage's fold k holds out the cases its previous stage's fold k held out
+    path = (previous_stage_splits(work, configuration) if configuration.previous_stage
+            else work.splits(configuration.name))
     if context.is_main:  # one writer; the other ranks read the file it wrote
         load_or_create_splits(path, dataset.case_ids, dataset.class_presence())
     barrier(context)
     splits = load_or_create_splits(path, dataset.case_ids)
     return fold_cases(splits, fold, dataset.case_ids, str(path))
+
+
+def _previous_stage(context: DistributedContext, work: WorkDir, plan: Plan, configuration: Configuration,
+                    dataset: PreprocessedDataset, show_progress: bool) -> PreviousStage | None:
+    """A cascade stage's previous-stage predictions on its grid (prepared by the main process)."""
+    if not configuration.previous_stage:
+        return None
+    if context.is_main:
+        prepare_previous_stage(work, plan, configuration, dataset, device=str(context.device),
+                               progress=show_progress)
+    barrier(context)
+    return PreviousStage(work.previous_stage(configuration.name), previous_stage_values(plan.labels))
 
 
 def _load_pretrained(path: Path) -> dict[str, Any]:
@@ -403,7 +437,7 @@ def _streams(run: _Run, workers: int) -> tuple[BatchStream, BatchStream]:
     augmentation = _augmentation(configuration)
     common = dict(patch_size=configuration.patch_size, batch_size=configuration.batch_size,
                   label_info=run.label_info, oversample_foreground=schedule.oversample_foreground,
-                  seed=schedule.seed, rank=context.rank)
+                  previous_stage=run.previous_stage, seed=schedule.seed, rank=context.rank)
     train_loader = PatchLoader(run.dataset, run.train_cases, augmentation=augmentation, stream=TRAIN_STREAM,
                                start_batch=run.progress.train_batches, **common)  # type: ignore[arg-type]
     val_loader = PatchLoader(run.dataset, run.val_cases, augmentation=None, stream=VALIDATION_STREAM,
@@ -574,7 +608,7 @@ def _validate_fold(run: _Run, show_progress: bool) -> None:
     context = run.context
     mine = run.val_cases[context.rank::context.world_size]
     predict_and_score(run.network, run.configuration, run.dataset, mine, run.label_info, output, run.device,
-                      run.plan.regions_class_order, progress=show_progress)
+                      run.plan.regions_class_order, progress=show_progress, previous_stage=run.previous_stage)
     barrier(context)
     if context.is_main:
         summarize_validation(run.dataset, run.val_cases, dict(run.plan.labels), run.configuration.spacing,

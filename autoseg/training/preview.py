@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from autoseg.cascade import one_hot
 from autoseg.plan import Configuration, load_plan
 from autoseg.training.augment import build_augmentation, summarize_params
 from autoseg.utils import atomic_write, read_json
@@ -64,6 +65,7 @@ def augment_preview(work_dir_or_config: str | os.PathLike | Configuration, out_p
             image, seg = synthetic_example(config, input_size, rng)
         else:
             image, seg = _random_patch(source, config.dim, input_size, rng)
+        image = _with_cascade_stand_in(config, image, seg)
         data, labels, params = augmentation(image[None], seg[None], rng)
         original = _center_crop(image, augmentation.patch_size)
         rows.append((original[channel], data[0, channel], labels[0, 0], summarize_params(params[0])))
@@ -73,6 +75,16 @@ def augment_preview(work_dir_or_config: str | os.PathLike | Configuration, out_p
              f"{list(augmentation.patch_size)} from input {list(input_size)}, {origin}, seed {seed}")
     figure = _grid_figure(rows, title)
     return atomic_write(out_png, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+
+
+def _with_cascade_stand_in(config: Configuration, image: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """A cascade stage's image with one-hot channels of label values 1..K standing in for the
+    previous stage's prediction (only the image channel is shown; the pipeline needs them all)."""
+    extra = config.topology.in_channels - config.base_channels if config.previous_stage else 0
+    if extra <= 0:
+        return image
+    stand_in = one_hot(seg[0], [(value,) for value in range(1, extra + 1)])
+    return np.concatenate([image[: config.base_channels], stand_in])
 
 
 def synthetic_example(configuration: Configuration, shape: tuple[int, ...],
@@ -116,7 +128,7 @@ def _configuration_and_cases(work: Path, name: str | None,
     if name is None:
         name = next((n for n in PREFERRED_CONFIGURATIONS if n in plan.configurations), next(iter(plan.configurations)))
     config = plan.configuration(name)
-    folder = WorkDir(work).preprocessed(name)
+    folder = WorkDir(work).preprocessed(config.data_name)
     cases = sorted(p.name[:-4] for p in folder.glob("*.npy") if not p.name.endswith("_seg.npy")) \
         if folder.is_dir() else []
     if case is not None:

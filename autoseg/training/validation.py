@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from autoseg import evaluation
 from autoseg.plan import Configuration
-from autoseg.training.data import PreprocessedDataset
+from autoseg.training.data import PreprocessedDataset, PreviousStageInput
 from autoseg.training.labels import LabelInfo
 from autoseg.utils import atomic_write, atomic_write_json
 
@@ -36,8 +36,11 @@ STEP = 0.5  # tile spacing as a fraction of the patch, autoseg predict's default
 def predict_and_score(network: nn.Module, configuration: Configuration, dataset: PreprocessedDataset,
                       case_ids: Sequence[str], label_info: LabelInfo, output_dir: str | os.PathLike,
                       device: torch.device, regions_class_order: Sequence[int] | None = None,
-                      progress: bool = True) -> None:
-    """Predict ``case_ids`` as ``autoseg predict`` would and write ``output_dir/<case>.npy`` (label values)."""
+                      progress: bool = True, previous_stage: PreviousStageInput | None = None) -> None:
+    """Predict ``case_ids`` as ``autoseg predict`` would and write ``output_dir/<case>.npy`` (label values).
+
+    A cascade stage gets ``previous_stage``: its stored predictions become the extra input channels.
+    """
     from autoseg.inference import sliding_window_predict, trained_mirror_axes
     from autoseg.postprocessing import probabilities_to_label_map
 
@@ -47,9 +50,12 @@ def predict_and_score(network: nn.Module, configuration: Configuration, dataset:
     network.eval()
     for case_id in tqdm(case_ids, desc="validation cases", disable=not progress, leave=False):
         image, _ = dataset.load(case_id)
+        image = np.array(image, dtype=np.float32)
+        if previous_stage is not None:
+            image = np.concatenate([image, previous_stage.one_hot(previous_stage.load(case_id))])
         with torch.no_grad():
             probabilities = sliding_window_predict(
-                network, np.array(image, dtype=np.float32), configuration.patch_size, step=STEP,
+                network, image, configuration.patch_size, step=STEP,
                 tta_axes=mirror_axes, device=device, output_channels=label_info.num_outputs, activation=activation)
         prediction = probabilities_to_label_map(probabilities, label_info.values, activation, regions_class_order)
         prediction = prediction.astype(np.int16)
