@@ -400,6 +400,7 @@ _USER_ERRORS = (
     ("autoseg.training.data", "DataLoadingError"),
     ("autoseg.inference", "PredictionError"),
     ("autoseg.postprocessing", "PostprocessingError"),
+    ("autoseg.evaluation", "EvaluationError"),
     ("autoseg.model_archive", "ModelArchiveError"),
     ("autoseg.benchmark", "BenchmarkError"),
 )

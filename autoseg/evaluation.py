@@ -77,6 +77,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+
+class EvaluationError(ValueError):
+    """The folders or files to evaluate do not fit together; the message names the file."""
+
+
 LabelValue = int | Sequence[int]
 MetricValue = float | None
 Row = dict[str, Any]
@@ -545,7 +550,7 @@ def evaluate_folders(
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     for folder, role in ((pred_dir, "prediction"), (ref_dir, "reference")):
         if not folder.is_dir():
-            raise NotADirectoryError(f"{folder}: {role} folder does not exist")
+            raise EvaluationError(f"{folder}: {role} folder does not exist")
     if n_jobs < 1:
         raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
 
@@ -602,7 +607,7 @@ def _match_cases(pred_dir: Path, ref_dir: Path, file_ending: str) -> list[tuple[
                                 + ", ".join(missing))
     orphans = [str(preds[name]) for name in preds if name not in refs]
     if orphans:
-        raise ValueError(f"{len(orphans)} prediction(s) have no reference in {ref_dir}: " + ", ".join(orphans))
+        raise EvaluationError(f"{len(orphans)} prediction(s) have no reference in {ref_dir}: " + ", ".join(orphans))
     return [(name[: -len(file_ending)], preds[name], refs[name]) for name in refs]
 
 
@@ -626,7 +631,7 @@ def _read_label_image(path: Path):
 def _check_integer_labels(array: np.ndarray, path: Path) -> None:
     """Label maps must hold integers: a float 0.6 would silently match no label at all."""
     if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(np.rint(array), array):
-        raise ValueError(f"{path}: label map has non-integer values (dtype {array.dtype})")
+        raise EvaluationError(f"{path}: label map has non-integer values (dtype {array.dtype})")
 
 
 def _check_same_geometry(pred, ref, pred_path: Path, ref_path: Path) -> None:
@@ -645,7 +650,7 @@ def _check_same_geometry(pred, ref, pred_path: Path, ref_path: Path) -> None:
     if differs(pred.direction, ref.direction, 1e-4):
         problems.append(f"direction {tuple(pred.direction)} vs {tuple(ref.direction)}")
     if problems:
-        raise ValueError(f"prediction {pred_path} and reference {ref_path} differ: " + "; ".join(problems))
+        raise EvaluationError(f"prediction {pred_path} and reference {ref_path} differ: " + "; ".join(problems))
 
 
 def _evaluate_case_files(task: _CaseTask) -> list[Row]:
@@ -714,7 +719,7 @@ def parse_label_specs(specs: Sequence[str]) -> dict[str, int | list[int]]:
         except ValueError:
             numbers = []
         if not sep or not name or not numbers:
-            raise ValueError(f"label specification {spec!r} must look like liver=1 or whole_tumor=1,2,3")
+            raise EvaluationError(f"label specification {spec!r} must look like liver=1 or whole_tumor=1,2,3")
         labels[name] = numbers[0] if len(numbers) == 1 else numbers
     return labels
 

@@ -520,6 +520,16 @@ def test_preview_from_preprocessed_cases(tmp_path, config_name):
         augment_preview(work, tmp_path / "other.png", num_samples=1, case="case_9")
 
 
+def only_flips(sample: np.ndarray, params: dict) -> np.ndarray:
+    """``sample`` ``(C, *spatial)`` with just the recorded mirror and rot90 ops applied (exact)."""
+    for op in params["ops"]:
+        if op["op"] == "mirror":
+            sample = np.flip(sample, [1 + a for a in op["axes"]])
+        elif op["op"] == "rot90":
+            sample = np.rot90(sample, op["k"], axes=(-2, -1))
+    return sample
+
+
 def test_prior_channels_move_with_the_image_but_keep_their_values():
     """CT prior channels (beyond the normalized ones) get the geometric ops only."""
     from autoseg.plan import IntensityWindow
@@ -534,12 +544,7 @@ def test_prior_channels_move_with_the_image_but_keep_their_values():
     seg = np.zeros((3, 1, 8, 16, 16), dtype=np.int16)
     out, _, params = augmentation(data, seg, rng)
     for b, p in enumerate(params):
-        expected = data[b]
-        for op in p["ops"]:
-            if op["op"] == "mirror":
-                expected = np.flip(expected, [1 + a for a in op["axes"]])
-            elif op["op"] == "rot90":
-                expected = np.rot90(expected, op["k"], axes=(-2, -1))
+        expected = only_flips(data[b], p)
         np.testing.assert_array_equal(out[b, 1], expected[1])
         assert not np.allclose(out[b, 0], expected[0])
 
@@ -641,12 +646,7 @@ def test_intensity_ops_never_touch_cascade_channels_and_cascade_ops_never_the_im
     out, _ = replay(data, seg, without_cascade)
     cascade_out, _ = replay(data, seg, only_cascade)
     for b, p in enumerate(without_cascade):
-        expected = data[b]
-        for op in p["ops"]:
-            if op["op"] == "mirror":
-                expected = np.flip(expected, [1 + a for a in op["axes"]])
-            elif op["op"] == "rot90":
-                expected = np.rot90(expected, op["k"], axes=(-2, -1))
+        expected = only_flips(data[b], p)
         np.testing.assert_array_equal(out[b, 2:], expected[2:])
         assert not np.allclose(out[b, :2], expected[:2])
     np.testing.assert_array_equal(cascade_out[:, :2], data[:, :2])

@@ -15,6 +15,7 @@ from scipy.spatial.distance import cdist
 from autoseg.evaluation import (
     CLINICAL_QUALITY_DEFINITION,
     METRIC_NAMES,
+    EvaluationError,
     clinical_quality,
     compute_metrics,
     evaluate_case,
@@ -553,7 +554,7 @@ def test_folder_errors_name_the_files(tmp_path):
     with pytest.raises(ValueError, match=r"case_b\.nii\.gz.*spacing \(2\.0, 1\.0, 0\.5\) vs \(3\.0, 1\.0, 0\.5\)"):
         evaluate_folders(pred_dir, ref_dir, labels={"organ": 1})
 
-    with pytest.raises(NotADirectoryError, match="missing_dir"):
+    with pytest.raises(EvaluationError, match="missing_dir: .* folder does not exist"):
         evaluate_folders(tmp_path / "missing_dir", ref_dir)
 
 
