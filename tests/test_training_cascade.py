@@ -160,16 +160,21 @@ def test_missing_or_stale_previous_stage_folds(tmp_path: Path) -> None:
     stage = prepare_previous_stage(WorkDir(work), plan, cascade, dataset, progress=False)
     case = splits[1]["val"][0]
     before = np.array(stage.load(case))
-    stamp = os.stat(stage.folder / f"{case}.npy").st_mtime_ns
-    # a retrained previous-stage fold: only its case is redone
+    inode = os.stat(stage.folder / f"{case}.npy").st_ino
+    # a retrained previous-stage fold: only its case is redone (rewritten files get new inodes)
     source = work / "models" / "3d_lowres" / "fold_1" / "validation" / f"{case}.npy"
     np.save(source, np.zeros((12, 12, 12), dtype=np.int16))
     other = splits[0]["val"][0]
-    other_stamp = os.stat(stage.folder / f"{other}.npy").st_mtime_ns
+    other_inode = os.stat(stage.folder / f"{other}.npy").st_ino
     prepare_previous_stage(WorkDir(work), plan, cascade, dataset, progress=False)
     assert before.any() and not stage.load(case).any()
-    assert os.stat(stage.folder / f"{case}.npy").st_mtime_ns != stamp
-    assert os.stat(stage.folder / f"{other}.npy").st_mtime_ns == other_stamp
+    assert os.stat(stage.folder / f"{case}.npy").st_ino != inode
+    assert os.stat(stage.folder / f"{other}.npy").st_ino == other_inode
+    # an unreadable manifest (or another grid) redoes every case instead of failing
+    (stage.folder / "manifest.json").write_text("{not json")
+    prepare_previous_stage(WorkDir(work), plan, cascade, dataset, progress=False)
+    assert os.stat(stage.folder / f"{other}.npy").st_ino != other_inode
+    assert json.loads((stage.folder / "manifest.json").read_text())["grid"] == configuration_hash(plan, cascade.name)
 
 
 def test_cascade_trains_end_to_end_on_real_previous_stage_folds(tmp_path: Path) -> None:

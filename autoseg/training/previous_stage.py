@@ -10,10 +10,10 @@ same cases.
 :func:`prepare_previous_stage` resamples those predictions onto this configuration's grid
 (:func:`autoseg.cascade.to_stage_grid`, as inference does) and stores them as
 ``WORK/models/<configuration>/previous_stage/<case>.npy`` (int16 label values) with a
-``manifest.json`` recording each case's source (path, size, modification time): a retrained
-previous-stage fold is picked up on the next run, nothing else is redone. :class:`PreviousStage`
-reads them for the patch loader and the end-of-fold validation, one-hot per
-:func:`autoseg.cascade.one_hot`.
+``manifest.json`` recording each case's source (path, size, modification time) and the grid's
+configuration hash: a retrained previous-stage fold (or re-preprocessed data) is picked up on the
+next run, nothing else is redone. :class:`PreviousStage` reads them for the patch loader and the
+end-of-fold validation, one-hot per :func:`autoseg.cascade.one_hot`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from autoseg.cascade import one_hot, previous_stage_values, to_stage_grid
-from autoseg.plan import Configuration, Plan
+from autoseg.plan import Configuration, Plan, configuration_hash
 from autoseg.training.data import PreprocessedDataset
 from autoseg.training.errors import TrainingError
 from autoseg.training.splits import SplitError, load_or_create_splits
@@ -100,8 +100,12 @@ def prepare_previous_stage(work: WorkDir, plan: Plan, configuration: Configurati
     folder = work.previous_stage(configuration.name)
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST
-    recorded = read_json(manifest_path) if manifest_path.exists() else {}
-    recorded_cases = recorded.get("cases", {}) if isinstance(recorded, dict) else {}
+    try:
+        recorded = read_json(manifest_path) if manifest_path.exists() else {}
+    except ValueError:  # unreadable (say, cut short by a full disk): redo every case
+        recorded = {}
+    grid = configuration_hash(plan, configuration.name)  # a re-preprocessed grid invalidates them all
+    recorded_cases = recorded.get("cases", {}) if isinstance(recorded, dict) and recorded.get("grid") == grid else {}
     previous_data = PreprocessedDataset(work.preprocessed(previous.data_name))
     entries: dict[str, dict] = {}
     todo = []
@@ -122,6 +126,6 @@ def prepare_previous_stage(work: WorkDir, plan: Plan, configuration: Configurati
                                 f"from the stored label's {list(reference.shape)}; re-run `autoseg preprocess`")
         resampled = to_stage_grid(label_map, previous_data.properties(case_id), target, device)
         atomic_write(folder / f"{case_id}.npy", lambda tmp, a=resampled.astype(np.int16): np.save(tmp, a))
-    atomic_write_json(manifest_path, {"previous_stage": previous.name, "cases": entries})
+    atomic_write_json(manifest_path, {"previous_stage": previous.name, "grid": grid, "cases": entries})
     return PreviousStage(folder, previous_stage_values(plan.labels))
 
