@@ -52,7 +52,7 @@ demo: install
 	$(BIN)/autoseg validate $(DEMO_DIR)/raw
 	$(BIN)/autoseg plan $(DEMO_DIR)/raw --work $(DEMO_DIR)/work --preset cpu --configurations 2d --explain
 	$(BIN)/autoseg preprocess $(DEMO_DIR)/work
-	$(BIN)/autoseg train $(DEMO_DIR)/work -c 2d -f all --epochs 40 --iters-per-epoch 25 --val-iters 4
+	$(BIN)/autoseg train $(DEMO_DIR)/work -c 2d -f all --epochs 56 --iters-per-epoch 25 --val-iters 2
 	$(BIN)/autoseg predict $(DEMO_DIR)/work -i $(DEMO_DIR)/raw/imagesTs -o $(DEMO_DIR)/predictions -c 2d -f all --fast --checkpoint latest
 	$(BIN)/autoseg evaluate $(DEMO_DIR)/predictions $(DEMO_DIR)/raw/labelsTs --dataset-json $(DEMO_DIR)/raw/dataset.json
 
