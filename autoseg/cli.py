@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "train", "Train one fold (or all cases) of a configuration; resumable and extendable.",
                     "autoseg train work/ct -c 3d_fullres -f 0\n"
                     "autoseg train work/ct -c 3d_fullres -f 0 --resume --epochs 1500\n"
+                    "autoseg train work/ct -c 3d_cascade_fullres -f 0   # after every 3d_lowres fold\n"
                     "torchrun --nproc_per_node 2 -m autoseg.cli train work/ct -c 3d_fullres -f 0")
     p.add_argument("work", type=Path)
     p.add_argument("-c", "--configuration", required=True)

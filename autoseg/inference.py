@@ -391,7 +391,6 @@ class TrainedModel:
     is_regions: bool
     postprocessing: dict[str, Any] | None = None
     previous: TrainedModel | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def activation(self) -> Literal["softmax", "sigmoid"]:
