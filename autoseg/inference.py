@@ -1007,11 +1007,12 @@ def predict_validation_probabilities(work_dir: str | os.PathLike, configuration:
         source = work.preprocessed(model.configuration.data_name) / f"{case_id}.npy"
         try:
             image = np.load(source, mmap_mode="r", allow_pickle=False)
-            if model.cascade_channels:
-                stored = work.previous_stage(configuration) / f"{case_id}.npy"
-                source = stored
-                previous = np.load(stored, mmap_mode="r", allow_pickle=False)
-                image = np.concatenate([image, one_hot(previous, previous_stage_values(model.plan.labels))])
+            if model.cascade_channels:  # the stored inputs the fold was validated with
+                from autoseg.training.previous_stage import PreviousStage
+
+                stage = PreviousStage.of(work, model.plan, configuration)
+                source = stage.folder / f"{case_id}.npy"
+                image = np.concatenate([image, stage.one_hot(stage.load(case_id))])
         except (OSError, ValueError) as error:
             raise PredictionError(f"{source}: cannot be read ({error})") from None
         probabilities = predict_preprocessed(model, image, step, tta).float().cpu().numpy().astype(np.float16)

@@ -51,10 +51,9 @@ from tqdm.auto import tqdm
 
 from autoseg.plan import Plan, load_plan
 from autoseg.utils import atomic_write_json, read_json
-from autoseg.workdir import WorkDir
+from autoseg.workdir import VALIDATION_DIR, WorkDir
 
 POSTPROCESSING_FILE = "postprocessing.json"
-VALIDATION_DIR = "validation"
 PROBABILITIES_SUFFIX = "_probabilities"
 DECISION_FORMAT = 1
 DEFAULT_TOLERANCE = 1e-4

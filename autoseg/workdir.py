@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ROOT = Path("autoseg_work")
+VALIDATION_DIR = "validation"  # in a fold folder: the held-out cases' predictions and summary.json
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,6 @@ from pydantic import TypeAdapter, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoseg.cascade import previous_stage_values
 from autoseg.networks import build_network
 from autoseg.plan import (
     Configuration,
@@ -86,14 +85,13 @@ from autoseg.training.previous_stage import PreviousStage, prepare_previous_stag
 from autoseg.training.splits import fold_cases, load_or_create_splits
 from autoseg.training.validation import predict_and_score, summarize_validation
 from autoseg.utils import atomic_write_json, read_json
-from autoseg.workdir import WorkDir
+from autoseg.workdir import VALIDATION_DIR, WorkDir
 
 LOG_FILE = "training_log.jsonl"
 PROGRESS_FILE = "progress.png"
 OVERRIDES_FILE = "overrides.json"
 SCHEDULE_FILE = "schedule.json"
 PLAN_FILE = "plan.json"
-VALIDATION_DIR = "validation"
 
 _SCHEDULE = TypeAdapter(Schedule)
 _TOPOLOGY = TypeAdapter(Topology)
@@ -364,8 +362,8 @@ def _previous_stage(context: DistributedContext, work: WorkDir, plan: Plan, conf
     if context.is_main:
         prepare_previous_stage(work, plan, configuration, dataset, device=str(context.device),
                                progress=show_progress)
-    barrier(context)
-    return PreviousStage(work.previous_stage(configuration.name), previous_stage_values(plan.labels))
+    barrier(context)  # the other ranks read what the main one wrote
+    return PreviousStage.of(work, plan, configuration.name)
 
 
 def _load_pretrained(path: Path) -> dict[str, Any]:

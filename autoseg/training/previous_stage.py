@@ -30,10 +30,9 @@ from autoseg.training.data import PreprocessedDataset
 from autoseg.training.errors import TrainingError
 from autoseg.training.splits import SplitError, load_or_create_splits
 from autoseg.utils import atomic_write, atomic_write_json, read_json
-from autoseg.workdir import WorkDir
+from autoseg.workdir import VALIDATION_DIR, WorkDir
 
 MANIFEST = "manifest.json"
-VALIDATION_DIR = "validation"
 
 
 @dataclass(frozen=True)
@@ -43,9 +42,10 @@ class PreviousStage:
     folder: Path
     values: tuple[tuple[int, ...], ...]  # per one-hot channel, the label values it marks
 
-    @property
-    def channels(self) -> int:
-        return len(self.values)
+    @classmethod
+    def of(cls, work: WorkDir, plan: Plan, configuration: str) -> PreviousStage:
+        """The stored inputs of a cascade configuration (written by :func:`prepare_previous_stage`)."""
+        return cls(work.previous_stage(configuration), previous_stage_values(plan.labels))
 
     def load(self, case_id: str) -> np.ndarray:
         """The memory-mapped label map ``(Z, Y, X)`` of a case on this configuration's grid."""
@@ -127,5 +127,5 @@ def prepare_previous_stage(work: WorkDir, plan: Plan, configuration: Configurati
         resampled = to_stage_grid(label_map, previous_data.properties(case_id), target, device)
         atomic_write(folder / f"{case_id}.npy", lambda tmp, a=resampled.astype(np.int16): np.save(tmp, a))
     atomic_write_json(manifest_path, {"previous_stage": previous.name, "grid": grid, "cases": entries})
-    return PreviousStage(folder, previous_stage_values(plan.labels))
+    return PreviousStage.of(work, plan, configuration.name)
 

@@ -50,9 +50,10 @@ def predict_and_score(network: nn.Module, configuration: Configuration, dataset:
     network.eval()
     for case_id in tqdm(case_ids, desc="validation cases", disable=not progress, leave=False):
         image, _ = dataset.load(case_id)
-        image = np.array(image, dtype=np.float32)
+        parts = [image]
         if previous_stage is not None:
-            image = np.concatenate([image, previous_stage.one_hot(previous_stage.load(case_id))])
+            parts.append(previous_stage.one_hot(previous_stage.load(case_id)))
+        image = np.concatenate(parts, dtype=np.float32)  # one in-memory copy of the memory map
         with torch.no_grad():
             probabilities = sliding_window_predict(
                 network, image, configuration.patch_size, step=STEP,
