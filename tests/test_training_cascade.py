@@ -207,3 +207,16 @@ def test_augment_preview_of_the_cascade(tmp_path: Path) -> None:
     out = augment_preview(work, tmp_path / "preview.png", num_samples=2, configuration="3d_cascade_fullres",
                           preset="default")
     assert out.stat().st_size > 0
+
+
+def test_one_hot_marks_each_channels_values() -> None:
+    from autoseg.cascade import one_hot, previous_stage_values
+
+    labels = np.random.default_rng(0).integers(0, 4, size=(5, 6, 7)).astype(np.int16)
+    regions = previous_stage_values({"background": 0, "whole": (1, 2, 3), "core": (2, 3), "enhancing": 3})
+    assert regions == ((1, 2, 3), (2, 3), (3,))
+    assert previous_stage_values({"background": 0, "b": 2, "a": 1, "ignore": 9}) == ((1,), (2,))
+    encoded = one_hot(labels, regions)
+    assert encoded.dtype == np.float32 and encoded.shape == (3, 5, 6, 7)
+    for channel, values in enumerate(regions):
+        np.testing.assert_array_equal(encoded[channel], np.isin(labels, values))
