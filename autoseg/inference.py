@@ -67,6 +67,7 @@ from autoseg.dataset import (
     load_case,
     load_dataset_json,
 )
+from autoseg.errors import AutosegError
 from autoseg.io import SUPPORTED_ENDINGS, Image, ImageReadError, file_ending, write_like
 from autoseg.model_archive import export_model, import_model
 from autoseg.plan import Configuration, Plan, PlanError, Schedule, Topology, load_plan, plan_hash
@@ -116,7 +117,7 @@ __all__ = [
 ]
 
 
-class PredictionError(RuntimeError):
+class PredictionError(AutosegError, RuntimeError):
     """Prediction cannot start, or some cases failed (``failures`` maps each to a message naming it).
 
     ``outputs`` lists the files of the cases that did succeed.

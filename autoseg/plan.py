@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, PositiveInt, TypeAdapter
 from pydantic.dataclasses import dataclass
 
+from autoseg.errors import AutosegError
 from autoseg.utils import atomic_write_json, read_model_file, sha256_of_json, validate_model
 
 # 2: the cascade is its own configuration (3d_cascade_fullres) instead of a flag on 3d_fullres
@@ -35,7 +36,7 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 _PREPROCESSING_FIELDS = ("spacing", "normalization", "resampling", "ct_priors")
 
 
-class PlanError(ValueError):
+class PlanError(AutosegError, ValueError):
     """A plan file is missing, not JSON, of another schema version, or invalid."""
 
 

@@ -33,6 +33,7 @@ from batchgenerators.dataloading.data_loader import DataLoader
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
+from autoseg.errors import AutosegError
 from autoseg.training.labels import LabelInfo
 from autoseg.utils import read_json
 
@@ -44,7 +45,7 @@ _ERROR_KEY = "__data_loading_error__"
 _LOCATION_CACHE_SIZE = 64
 
 
-class DataLoadingError(RuntimeError):
+class DataLoadingError(AutosegError, RuntimeError):
     """Loading or augmenting a batch failed; names the case and carries the original traceback."""
 
     def __init__(self, message: str, case: str | None = None, worker_traceback: str | None = None) -> None:
