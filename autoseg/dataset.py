@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.errors import AutosegError
 from autoseg.io import SUPPORTED_ENDINGS, Image, read_image
 
 DATASET_JSON = "dataset.json"
@@ -45,7 +46,7 @@ COMPANION_ENDINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-class DatasetError(Exception):
+class DatasetError(AutosegError):
     """A dataset cannot be used; ``problems`` lists every reason, each naming its file."""
 
     def __init__(self, problems: list[str]) -> None:

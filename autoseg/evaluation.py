@@ -77,8 +77,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from autoseg.errors import AutosegError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(AutosegError, ValueError):
     """The folders or files to evaluate do not fit together; the message names the file."""
 
 

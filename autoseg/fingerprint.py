@@ -61,6 +61,7 @@ from autoseg.dataset import (
     load_dataset_json,
     training_cases,
 )
+from autoseg.errors import AutosegError
 from autoseg.orientation import canonical_spacing, canonical_transform, to_canonical
 from autoseg.utils import atomic_write_json, read_json, read_model_file, sha256_of_json, validate_model
 
@@ -76,7 +77,7 @@ Modality = Literal["ct", "mri", "pet", "ultrasound", "natural", "other"]
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
-class FingerprintError(ValueError):
+class FingerprintError(AutosegError, ValueError):
     """A fingerprint file is missing, not JSON, of another version, or invalid."""
 
 

@@ -31,13 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.errors import AutosegError
+
 SITK_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 NATURAL_2D_ENDINGS = (".png", ".bmp")
 TIFF_ENDINGS = (".tif", ".tiff")
 SUPPORTED_ENDINGS = SITK_ENDINGS + NATURAL_2D_ENDINGS + TIFF_ENDINGS
 
 
-class ImageReadError(Exception):
+class ImageReadError(AutosegError):
     """An image could not be read; the message names the file and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:

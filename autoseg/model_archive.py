@@ -29,6 +29,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from autoseg.errors import AutosegError
 from autoseg.utils import atomic_write, read_json
 
 MANIFEST = "autoseg_model.json"
@@ -39,7 +40,7 @@ FOLD_FILES = ("plan.json", "overrides.json", "schedule.json", "training_log.json
 CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_latest.pt")
 
 
-class ModelArchiveError(ValueError):
+class ModelArchiveError(AutosegError, ValueError):
     """A model cannot be exported or imported (the message names the file and the problem)."""
 
 

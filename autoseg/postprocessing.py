@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from autoseg.errors import AutosegError
 from autoseg.plan import Plan, load_plan
 from autoseg.utils import atomic_write_json, read_json
 from autoseg.workdir import VALIDATION_DIR, WorkDir
@@ -61,7 +62,7 @@ DEFAULT_TOLERANCE = 1e-4
 LabelValue = int | Sequence[int]
 
 
-class PostprocessingError(ValueError):
+class PostprocessingError(AutosegError, ValueError):
     """A post-processing decision cannot be made or applied (the message names the file)."""
 
 

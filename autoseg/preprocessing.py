@@ -62,6 +62,7 @@ import torch
 from scipy import ndimage
 
 from autoseg.dataset import CaseData, CaseFiles, DatasetError, load_case, training_cases
+from autoseg.errors import AutosegError
 from autoseg.io import ImageReadError
 from autoseg.orientation import (
     canonical_shape,
@@ -100,7 +101,7 @@ _NORM_EPS = 1e-8
 _CHUNK = 1 << 22  # voxels per chunk when scanning a whole volume
 
 
-class PreprocessingError(Exception):
+class PreprocessingError(AutosegError):
     """Preprocessing could not finish: ``failures`` maps each failed case to a message naming it.
 
     ``summaries`` holds what was done for the configurations that ran (other cases complete).

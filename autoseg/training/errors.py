@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from autoseg.errors import AutosegError
 
-class TrainingError(ValueError):
+
+class TrainingError(AutosegError, ValueError):
     """Training cannot go on as asked; the message says why and, where it can, what to do."""
