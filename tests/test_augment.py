@@ -11,12 +11,18 @@ import numpy as np
 import pytest
 import skimage.morphology
 
-from autoseg.plan import ChannelNormalization, Configuration, Plan, Schedule, Topology, save_plan
+from autoseg.plan import (
+    ChannelNormalization,
+    Configuration,
+    IntensityWindow,
+    Plan,
+    Schedule,
+    Topology,
+    save_plan,
+)
 from autoseg.training.augment import (
     PRESETS,
     Augmentation,
-    _max_rotated_extent,
-    _rotation_matrices,
     bias_field,
     binary_morphology,
     build_augmentation,
@@ -27,6 +33,7 @@ from autoseg.training.augment import (
     rotation_matrix,
     summarize_params,
 )
+from autoseg.training.augment.spatial import _max_rotated_extent, _rotation_matrices
 from autoseg.training.preview import augment_preview
 
 CT = ChannelNormalization("CT", "ct", clip_low=-1000.0, clip_high=1500.0, mean=50.0, std=300.0)
@@ -532,8 +539,6 @@ def only_flips(sample: np.ndarray, params: dict) -> np.ndarray:
 
 def test_prior_channels_move_with_the_image_but_keep_their_values():
     """CT prior channels (beyond the normalized ones) get the geometric ops only."""
-    from autoseg.plan import IntensityWindow
-
     topology = Topology("unet", 3, 2, 3, (8,), ((3, 3, 3),), ((1, 1, 1),), (2,), ())
     configuration = Configuration("3d_fullres", (1.0, 1.0, 1.0), (8, 16, 16), 2, (8, 16, 16), (CT,), topology,
                                   schedule=Schedule(mirror_axes=(0, 1, 2)),
