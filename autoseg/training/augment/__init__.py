@@ -11,8 +11,8 @@ rot90), :mod:`.intensity`, :mod:`.cascade` (corrupting a cascade stage's previou
 
 Adding a transform: a subclass of :class:`Transform` (usually :class:`InPlaceTransform`) with
 ``sample`` and ``apply_to_image``, decorated with ``@register_transform("op_name", order=...)``,
-plus its fields in :class:`AugmentationSettings` (probability 0 in the presets it should stay out
-of, so existing seeds keep their batches).
+plus its fields in :class:`AugmentationSettings`. Give its probability a default of 0 and draw
+through :func:`.base.fires` (no draw while disabled): existing seeds then keep their batches.
 """
 
 from autoseg.training.augment.base import (

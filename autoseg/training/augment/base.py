@@ -143,8 +143,9 @@ def register_transform(name: str, order: int | None) -> Callable[[T], T]:
     Args:
         name: the ``"op"`` value of the parameters it samples and applies.
         order: where the pipeline draws its parameters within a sample (ascending; leave gaps so a
-            new transform fits between two others). None: the pipeline never samples it itself
-            (``crop`` is what the ``spatial`` sampler records when no resampling fires).
+            new transform fits between two others). The lowest, ``spatial`` (10), opens every
+            sample by bringing the input to the patch size. None: the pipeline never samples it
+            itself (``crop`` is what the ``spatial`` sampler records when no resampling fires).
 
     Registering another class under a taken name, or a taken order, is an error: replays and
     sampled batches would otherwise depend on which module was imported last.
