@@ -7,10 +7,27 @@ imports its stage lazily so that ``autoseg --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
+import io
+import os
 import sys
 import textwrap
+import traceback
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+from autoseg.constants import (
+    AUGMENTATION_PRESET_NAMES,
+    CONFIGURATION_NAMES,
+    DEFAULT_FILE_ENDING,
+    DEFAULT_TOLERANCE_MM,
+    EXAMPLE_KIND_NAMES,
+    LOSS_NAMES,
+    NETWORK_NAMES,
+    PLAN_PRESET_NAMES,
+)
+from autoseg.errors import AutosegError
 
 EPILOG = """\
 typical run:
@@ -24,7 +41,7 @@ typical run:
 """
 
 
-class CommandError(Exception):
+class CommandError(AutosegError):
     """A user-facing failure: printed without a traceback, exit code 1."""
 
 
@@ -160,9 +177,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from autoseg import evaluation
+    from autoseg.evaluation import evaluate_folders, parse_label_specs, summary_lines, write_results
 
-    return evaluation.run(args)
+    result = evaluate_folders(
+        args.pred_dir, args.ref_dir,
+        labels=parse_label_specs(args.labels) if args.labels else None,
+        dataset_json=args.dataset_json, ignore_label=args.ignore_label, file_ending=args.file_ending,
+        tolerance_mm=args.tolerance_mm, include_background=args.include_background,
+        clinical=args.clinical, n_jobs=args.n_jobs,
+    )
+    out_json = args.out_json or args.pred_dir / "evaluation.json"
+    out_csv = args.out_csv or args.pred_dir / "evaluation.csv"
+    write_results(result, out_json, out_csv)
+    for line in summary_lines(result):
+        print(line)
+    print(f"wrote {out_json} and {out_csv}")
+    return 0
 
 
 def _cmd_find_postprocessing(args: argparse.Namespace) -> int:
@@ -241,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "make-example", "Generate a small, seeded example dataset (ct, mri or 2d).",
                     "autoseg make-example data/example_ct --kind ct --num-cases 10")
     p.add_argument("dest", type=Path)
-    p.add_argument("--kind", choices=["ct", "mri", "2d"], default="ct")
+    p.add_argument("--kind", choices=EXAMPLE_KIND_NAMES, default="ct")
     p.add_argument("--num-cases", type=int, default=None, help="training cases (default per kind)")
     p.add_argument("--num-test-cases", type=int, default=0, help="held-out cases in imagesTs (+ labelsTs)")
     p.add_argument("--seed", type=int, default=0)
@@ -269,9 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None, help="work folder (default ./autoseg_work/<dataset name>)")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory budget for training (default 8, or the preset's size)")
-    p.add_argument("--configurations", nargs="+", default=None, choices=["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"])
-    p.add_argument("--arch", default="unet", help="network architecture (see `autoseg describe-network`)")
-    p.add_argument("--preset", default=None, help="network size preset: resenc-m, resenc-l, resenc-xl (8, 24, 40 GB), or cpu (a small U-Net for machines without a GPU)")
+    p.add_argument("--configurations", nargs="+", default=None, choices=CONFIGURATION_NAMES)
+    p.add_argument("--arch", default="unet", choices=NETWORK_NAMES,
+                   help="network architecture (see `autoseg describe-network`)")
+    p.add_argument("--preset", default=None, choices=PLAN_PRESET_NAMES,
+                   help="network size preset: the resenc ones are sized for 8, 24 and 40 GB, cpu is a small "
+                        "U-Net for machines without a GPU")
     p.add_argument("--ct-priors", action="store_true", help="add Hounsfield-window prior channels for CT")
     p.add_argument("--time-budget", type=float, default=None, metavar="HOURS",
                    help="set epochs from a short throughput probe so training fits this many hours")
@@ -304,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters-per-epoch", type=int, default=None)
     p.add_argument("--val-iters", type=int, default=None, help="validation iterations per epoch")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate")
-    p.add_argument("--loss", default=None, help="dice_ce, dice, ce, focal, dice_focal")
-    p.add_argument("--augmentation", default=None, help="augmentation preset: default, medical, light, none")
+    p.add_argument("--loss", default=None, choices=LOSS_NAMES, help="loss function (default: the plan's)")
+    p.add_argument("--augmentation", default=None, choices=AUGMENTATION_PRESET_NAMES,
+                   help="augmentation preset (default: the plan's)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="data loading processes (0: in the main process)")
@@ -331,7 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "evaluate", "Score predictions against references: Dice, IoU, HD95, NSD and more.",
                     "autoseg evaluate predictions/ data/ct/labelsTs --dataset-json data/ct/dataset.json")
-    _add_evaluate_arguments(p)
+    p.add_argument("pred_dir", type=Path, help="folder of predicted label maps")
+    p.add_argument("ref_dir", type=Path, help="folder of reference label maps (same file names)")
+    p.add_argument("--labels", nargs="+", metavar="NAME=V[,V...]",
+                   help="labels to evaluate; a list of values is a region (default: dataset.json, "
+                        "else every value in the references)")
+    p.add_argument("--dataset-json", type=Path, help="dataset.json for labels, ignore label, file ending")
+    p.add_argument("--ignore-label", type=int, help="reference value excluded from every metric")
+    p.add_argument("--file-ending", help=f"file ending (default: dataset.json, else {DEFAULT_FILE_ENDING})")
+    p.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
+                   help="normalized surface Dice tolerance in mm (default %(default)s)")
+    p.add_argument("--include-background", action="store_true", help="also evaluate value 0")
+    p.add_argument("--clinical", action="store_true", help="add the clinical_quality column")
+    p.add_argument("--n-jobs", type=int, default=1, help="worker processes (default %(default)s)")
+    p.add_argument("--out-json", type=Path, help="default: PRED_DIR/evaluation.json")
+    p.add_argument("--out-csv", type=Path, help="default: PRED_DIR/evaluation.csv")
     p.set_defaults(handler=_cmd_evaluate)
 
     p = _subcommand(sub, "find-postprocessing", "Decide from cross-validation whether keeping the largest "
@@ -354,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default=None)
     p.add_argument("-o", "--output", type=Path, default=Path("augment_preview.png"))
     p.add_argument("-n", "--num-samples", type=int, default=8)
-    p.add_argument("--preset", default=None)
+    p.add_argument("--preset", default=None, choices=AUGMENTATION_PRESET_NAMES,
+                   help="augmentation preset (default: the plan's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_augment_preview)
 
@@ -376,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "autoseg benchmark --example ct -o results.json")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--dataset", type=Path, default=None)
-    source.add_argument("--example", choices=["ct", "mri", "2d"], default=None)
+    source.add_argument("--example", choices=EXAMPLE_KIND_NAMES, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("-o", "--output", type=Path, default=Path("bench_results.json"))
@@ -384,40 +433,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    from autoseg import evaluation
+# --- errors -------------------------------------------------------------------------------------
 
-    evaluation.add_arguments(parser)
-
-
-# Exceptions that carry a user-facing message: printed without a traceback, exit code 1.
-_USER_ERRORS = (
-    ("autoseg.dataset", "DatasetError"),
-    ("autoseg.io", "ImageReadError"),
-    ("autoseg.plan", "PlanError"),
-    ("autoseg.fingerprint", "FingerprintError"),
-    ("autoseg.preprocessing", "PreprocessingError"),
-    ("autoseg.training.errors", "TrainingError"),
-    ("autoseg.training.data", "DataLoadingError"),
-    ("autoseg.inference", "PredictionError"),
-    ("autoseg.postprocessing", "PostprocessingError"),
-    ("autoseg.evaluation", "EvaluationError"),
-    ("autoseg.model_archive", "ModelArchiveError"),
-    ("autoseg.benchmark", "BenchmarkError"),
-)
+# OS-level failures the user fixes outside autoseg (a full disk, a read-only mount); permission
+# errors are matched by class, which covers EACCES and EPERM
+_USER_ERRNOS = (errno.ENOSPC, errno.EROFS)
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """The user-facing exception classes (imported lazily; a stage that fails to import is skipped)."""
-    import importlib
+def _user_message(error: Exception) -> str | None:
+    """The one-line report of an error the user can act on; None for a bug (traceback wanted)."""
+    if isinstance(error, (AutosegError, FileNotFoundError, FileExistsError)):
+        return str(error)
+    if isinstance(error, zipfile.BadZipFile):
+        return f"{_file_in_traceback(error, writing=False) or 'zip archive'}: damaged or not a zip file ({error})"
+    if isinstance(error, PermissionError) or (isinstance(error, OSError) and error.errno in _USER_ERRNOS):
+        name = os.fsdecode(error.filename) if error.filename is not None else _file_in_traceback(error, writing=True)
+        return f"{name or 'a file'}: {error.strerror or error}"
+    return None
 
-    errors: list[type[BaseException]] = [CommandError, FileNotFoundError, FileExistsError]
-    for module, name in _USER_ERRORS:
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+
+def _file_in_traceback(error: BaseException, writing: bool) -> str | None:
+    """The file the failing code was working on, from the local variables of its frames.
+
+    A failing ``write()`` (full disk) raises an OSError without a file name, and zipfile names
+    only the archive member; the innermost zip archive, or the innermost open file being written
+    (``writing``), is the file to name.
+    """
+    for frame, _ in reversed(list(traceback.walk_tb(error.__traceback__))):
+        for value in frame.f_locals.values():
+            if isinstance(value, zipfile.ZipFile) and value.filename:
+                return value.filename
+            if writing and isinstance(value, io.IOBase):
+                # by now a `with` block has closed the file, so its mode tells, not writable()
+                name, mode = getattr(value, "name", None), getattr(value, "mode", None)
+                if isinstance(name, str) and isinstance(mode, str) and any(c in mode for c in "wax+"):
+                    return name
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,8 +485,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = "continue with --resume" if args.command == "train" else "a re-run skips what is done"
         print(f"interrupted; finished work is kept ({hint})", file=sys.stderr)
         return 130
-    except _known_errors() as error:
-        print(f"autoseg {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        message = _user_message(error)
+        if message is None:
+            traceback.print_exc()
+            print(f"autoseg {args.command}: unexpected error; please report it with the traceback above to the "
+                  "autoseg issue tracker", file=sys.stderr)
+        else:
+            print(f"autoseg {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

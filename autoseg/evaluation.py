@@ -61,7 +61,6 @@ as label maps, so the same union applies to them).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -77,6 +76,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from autoseg.constants import DEFAULT_FILE_ENDING, DEFAULT_TOLERANCE_MM
 from autoseg.errors import AutosegError
 
 
@@ -88,8 +88,6 @@ LabelValue = int | Sequence[int]
 MetricValue = float | None
 Row = dict[str, Any]
 
-DEFAULT_TOLERANCE_MM = 1.0
-DEFAULT_FILE_ENDING = ".nii.gz"
 BACKGROUND_VALUE = 0
 
 METRIC_NAMES: tuple[str, ...] = (
@@ -708,7 +706,7 @@ def write_results(
         atomic_write_text(out_csv, rows_to_csv_text(result.rows))
 
 
-# --- command line -------------------------------------------------------------------------------------
+# --- what `autoseg evaluate` reads and prints ---------------------------------------------------------
 
 
 def parse_label_specs(specs: Sequence[str]) -> dict[str, int | list[int]]:
@@ -726,55 +724,16 @@ def parse_label_specs(specs: Sequence[str]) -> dict[str, int | list[int]]:
     return labels
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``autoseg evaluate``."""
-    parser.add_argument("pred_dir", type=Path, help="folder of predicted label maps")
-    parser.add_argument("ref_dir", type=Path, help="folder of reference label maps (same file names)")
-    parser.add_argument("--labels", nargs="+", metavar="NAME=V[,V...]",
-                        help="labels to evaluate; a list of values is a region (default: dataset.json, "
-                             "else every value in the references)")
-    parser.add_argument("--dataset-json", type=Path, help="dataset.json for labels, ignore label, file ending")
-    parser.add_argument("--ignore-label", type=int, help="reference value excluded from every metric")
-    parser.add_argument("--file-ending", help=f"file ending (default: dataset.json, else {DEFAULT_FILE_ENDING})")
-    parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
-                        help="normalized surface Dice tolerance in mm (default %(default)s)")
-    parser.add_argument("--include-background", action="store_true", help="also evaluate value 0")
-    parser.add_argument("--clinical", action="store_true", help="add the clinical_quality column")
-    parser.add_argument("--n-jobs", type=int, default=1, help="worker processes (default %(default)s)")
-    parser.add_argument("--out-json", type=Path, help="default: PRED_DIR/evaluation.json")
-    parser.add_argument("--out-csv", type=Path, help="default: PRED_DIR/evaluation.csv")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``autoseg evaluate`` from parsed arguments; prints the mean Dice and HD95 per label."""
-    result = evaluate_folders(
-        args.pred_dir, args.ref_dir,
-        labels=parse_label_specs(args.labels) if args.labels else None,
-        dataset_json=args.dataset_json, ignore_label=args.ignore_label, file_ending=args.file_ending,
-        tolerance_mm=args.tolerance_mm, include_background=args.include_background,
-        clinical=args.clinical, n_jobs=args.n_jobs,
-    )
-    out_json = args.out_json or args.pred_dir / "evaluation.json"
-    out_csv = args.out_csv or args.pred_dir / "evaluation.csv"
-    write_results(result, out_json, out_csv)
+def summary_lines(result: EvaluationResult) -> list[str]:
+    """One line per label: the mean Dice and HD95, and how many HD95 values were substituted."""
+    lines = []
     for label, stats in result.summary.items():
         hd95 = stats["hd95"]
-        print(f"{label}: dice {_format(stats['dice']['mean'])}, hd95 {_format(hd95['mean'])} mm "
-              f"({hd95['n_substituted']} substituted of {hd95['n_cases']})")
-    print(f"wrote {out_json} and {out_csv}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m autoseg.evaluation PRED_DIR REF_DIR ...``."""
-    parser = argparse.ArgumentParser(prog="autoseg evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+        lines.append(f"{label}: dice {_format(stats['dice']['mean'])}, hd95 {_format(hd95['mean'])} mm "
+                     f"({hd95['n_substituted']} substituted of {hd95['n_cases']})")
+    return lines
 
 
 def _format(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.distance import cdist
 
+from autoseg.cli import main
 from autoseg.evaluation import (
     CLINICAL_QUALITY_DEFINITION,
     METRIC_NAMES,
@@ -21,7 +22,6 @@ from autoseg.evaluation import (
     evaluate_case,
     evaluate_folders,
     image_diagonal_mm,
-    main,
     mask_border,
     parse_label_specs,
     select_labels,
@@ -524,7 +524,7 @@ def test_folder_2d_round_trip(tmp_path):
 def test_cli_main_writes_outputs(tmp_path, capsys):
     pred_dir, ref_dir = make_folders(tmp_path)
     out_json, out_csv = tmp_path / "e.json", tmp_path / "e.csv"
-    code = main([str(pred_dir), str(ref_dir), "--labels", "organ=1", "both=1,2", "--ignore-label", "3",
+    code = main(["evaluate", str(pred_dir), str(ref_dir), "--labels", "organ=1", "both=1,2", "--ignore-label", "3",
                  "--out-json", str(out_json), "--out-csv", str(out_csv), "--tolerance-mm", "2"])
     assert code == 0
     document = json.loads(out_json.read_text())

@@ -1,0 +1,32 @@
+"""Names and defaults that the command line offers, in a module that imports nothing.
+
+``autoseg --help`` builds every subcommand's parser, choice lists included; reading those lists
+from the modules that use them would import torch, pydantic or scipy first (seconds instead of a
+tenth of one). ``tests/test_cli.py`` checks each list against the library's own registry, so a
+name added there and not here fails a test rather than going missing from the command line.
+"""
+
+from __future__ import annotations
+
+# autoseg.plan.CONFIGURATION_NAMES, in the order the planner writes them
+CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+# the planner's presets (autoseg.planning.PRESETS): nnU-Net's residual-encoder sizes for 8, 24 and
+# 40 GB, and a small U-Net for machines without a GPU
+PLAN_PRESET_NAMES = ("resenc-m", "resenc-l", "resenc-xl", "cpu")
+
+# the architectures autoseg.networks registers itself (plugins may register more in-process)
+NETWORK_NAMES = ("attention_unet", "resenc", "unet", "unetpp", "vnet")
+
+# autoseg.training.losses.LOSS_NAMES
+LOSS_NAMES = ("dice_ce", "dice", "ce", "focal", "dice_focal")
+
+# autoseg.training.augment.PRESETS
+AUGMENTATION_PRESET_NAMES = ("default", "medical", "light", "none")
+
+# autoseg.examples.EXAMPLE_KINDS
+EXAMPLE_KIND_NAMES = ("ct", "mri", "2d")
+
+# autoseg evaluate
+DEFAULT_TOLERANCE_MM = 1.0
+DEFAULT_FILE_ENDING = ".nii.gz"
