@@ -240,7 +240,7 @@ def _cmd_import_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from autoseg.benchmark import run_benchmark
+    from autoseg.bench.run import run_benchmark
 
     run_benchmark(dataset=args.dataset, example=args.example, device=args.device, output=args.output,
                   repeats=args.repeats)

@@ -15,10 +15,8 @@ import time
 
 import pytest
 
-from autoseg import benchmark
-from autoseg.benchmark import (
-    format_report,
-    inference_inputs,
+from autoseg.bench import run as benchmark
+from autoseg.bench.measure import (
     machine_info,
     process_tree,
     ratio,
@@ -26,6 +24,7 @@ from autoseg.benchmark import (
     summarize,
     training_figures,
 )
+from autoseg.bench.run import format_report, inference_inputs
 
 
 @pytest.mark.parametrize(("values", "median", "low", "high"), [

@@ -123,7 +123,7 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from autoseg.benchmark import machine_info, run_measured
+    from autoseg.bench.measure import machine_info, run_measured
     from autoseg.plan import load_plan
 
     folder = Path(args.folder or tempfile.mkdtemp(prefix="autoseg_bench_predict_"))

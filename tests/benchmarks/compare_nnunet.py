@@ -56,15 +56,15 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from autoseg.benchmark import (  # noqa: E402
+from autoseg.bench.measure import (  # noqa: E402
     Measured,
     machine_info,
     ratio,
     run_measured,
-    run_stage,
     summarize,
     training_figures,
 )
+from autoseg.bench.stages import run_stage  # noqa: E402
 from autoseg.utils import atomic_write_json, read_json  # noqa: E402
 
 DATASET_ID = 987
