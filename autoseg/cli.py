@@ -19,6 +19,7 @@ from pathlib import Path
 
 from autoseg.constants import (
     AUGMENTATION_PRESET_NAMES,
+    COMPILE_CHOICES,
     CONFIGURATION_NAMES,
     DEFAULT_FILE_ENDING,
     DEFAULT_TOLERANCE_MM,
@@ -26,6 +27,7 @@ from autoseg.constants import (
     LOSS_NAMES,
     NETWORK_NAMES,
     PLAN_PRESET_NAMES,
+    PRECISION_CHOICES,
 )
 from autoseg.errors import AutosegError
 
@@ -43,6 +45,12 @@ typical run:
 
 class CommandError(AutosegError):
     """A user-facing failure: printed without a traceback, exit code 1."""
+
+
+def _precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help="autocast precision (auto: bf16 where the device computes it natively, fp16 on "
+                             "older CUDA GPUs, else fp32)")
 
 
 def _subcommand(subparsers, name: str, summary: str, example: str) -> argparse.ArgumentParser:
@@ -153,7 +161,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     fold: int | str = args.fold if args.fold == "all" else int(args.fold)
     folder = train(args.work, args.configuration, fold, overrides=overrides, device=args.device,
-                   workers=args.workers, resume=args.resume, pretrained=args.pretrained)
+                   workers=args.workers, resume=args.resume, pretrained=args.pretrained,
+                   precision=args.precision, compile_network=args.compile)
     print(f"model written to {folder}")
     return 0
 
@@ -166,6 +175,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         configuration=args.configuration,
         folds=args.folds,
         device=args.device,
+        precision=args.precision,
         tta=not args.no_tta,
         step=args.step,
         save_probabilities=args.save_probabilities,
@@ -345,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loading processes (0: in the main process)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--pretrained", type=Path, default=None, help="fold folder of a model to fine-tune from")
+    _precision_argument(p)
+    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
+                   help="torch.compile the network (auto: on CUDA; the CPU gains too little for its warm-up)")
     p.set_defaults(handler=_cmd_train)
 
     p = _subcommand(sub, "predict", "Segment a folder of new scans and write results in their own geometry.",
@@ -361,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo cases already predicted")
     p.add_argument("--fast", action="store_true", help="one fold, no TTA, step 0.75")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    _precision_argument(p)
     p.set_defaults(handler=_cmd_predict)
 
     p = _subcommand(sub, "evaluate", "Score predictions against references: Dice, IoU, HD95, NSD and more.",

@@ -30,3 +30,7 @@ EXAMPLE_KIND_NAMES = ("ct", "mri", "2d")
 # autoseg evaluate
 DEFAULT_TOLERANCE_MM = 1.0
 DEFAULT_FILE_ENDING = ".nii.gz"
+
+# autoseg.precision: autocast precision and torch.compile choices of train and predict
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+COMPILE_CHOICES = ("auto", "on", "off")

@@ -80,6 +80,7 @@ from autoseg.postprocessing import (
     load_postprocessing,
     probabilities_to_label_map,
 )
+from autoseg.precision import Precision, autocast, resolve_precision
 from autoseg.preprocessing import preprocess_case, restore_to_original
 from autoseg.utils import atomic_write, atomic_write_json
 from autoseg.workdir import WorkDir
@@ -201,13 +202,13 @@ def _mirror_combinations(dims: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def _forward_tta(network: nn.Module, batch: torch.Tensor, mirror_dims: Sequence[int], activation: Activation,
-                 use_autocast: bool) -> torch.Tensor:
+                 precision: Precision) -> torch.Tensor:
     """Mean activated output over every mirrored copy of ``batch``, each flipped back."""
     combos = _mirror_combinations(mirror_dims)
     total: torch.Tensor | None = None
     for dims in combos:
         flipped = torch.flip(batch, dims) if dims else batch
-        with torch.autocast(batch.device.type, enabled=use_autocast):
+        with autocast(batch.device, precision):
             output = network(flipped)
         if isinstance(output, (list, tuple)):  # deep supervision left on: the full resolution comes first
             output = output[0]
@@ -252,6 +253,7 @@ def sliding_window_predict(
     accumulate_dtype: torch.dtype | None = None,
     accumulate_device: str | torch.device | None = None,
     progress: bool = False,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
     """Probabilities of a whole image from overlapping, Gaussian-weighted tiles.
 
@@ -274,6 +276,9 @@ def sliding_window_predict(
         accumulate_device: where the sums live; default ``device`` when they fit in
             :data:`_ACCUMULATOR_GPU_SHARE` of the free GPU memory, else the host.
         progress: show a progress bar over tile batches.
+        precision: autocast precision of the forward passes (:mod:`autoseg.precision`); None:
+            the device's best (``resolve_precision("auto", device)``). Probabilities are always
+            summed in ``accumulate_dtype``.
 
     Returns:
         ``(K, *spatial)`` of the image's spatial shape, dtype ``accumulate_dtype``, on the
@@ -316,7 +321,7 @@ def sliding_window_predict(
     if batch_size is None:
         batch_size = max(1, _TILE_BATCH_VOXELS // math.prod(patch))
     gaussian = gaussian_importance_map(patch, device=device)
-    use_autocast = device.type == "cuda"
+    precision = resolve_precision("auto", device) if precision is None else precision
 
     accumulator: torch.Tensor | None = None
     weights: torch.Tensor | None = None
@@ -330,7 +335,7 @@ def sliding_window_predict(
             batch = batch.to(device, dtype=torch.float32, non_blocking=True)
             if net_dim == 2:
                 batch = batch[:, :, 0]
-            probabilities = _forward_tta(network, batch, mirror_dims, activation, use_autocast)
+            probabilities = _forward_tta(network, batch, mirror_dims, activation, precision)
             if tuple(probabilities.shape[2:]) != patch:
                 raise ValueError(f"the network turned a {patch} tile into {tuple(probabilities.shape[2:])}")
             if accumulator is None:
@@ -392,6 +397,7 @@ class TrainedModel:
     is_regions: bool
     postprocessing: dict[str, Any] | None = None
     previous: TrainedModel | None = None
+    precision: Precision = "fp32"
 
     @property
     def activation(self) -> Literal["softmax", "sigmoid"]:
@@ -556,7 +562,8 @@ def _load_fold(model_dir: Path, plan: Plan, configuration: Configuration, fold: 
 
 def load_trained_model(model_dir: str | os.PathLike, configuration: str | None = None,
                        folds: Sequence[int | str] | None = None, checkpoint: str = "best",
-                       device: str | torch.device = "cpu", cascade: bool = True) -> TrainedModel:
+                       device: str | torch.device = "cpu", cascade: bool = True,
+                       precision: str = "auto") -> TrainedModel:
     """Load the folds of a trained configuration from a work folder or an imported model folder.
 
     Args:
@@ -567,6 +574,7 @@ def load_trained_model(model_dir: str | os.PathLike, configuration: str | None =
         device: where the networks live.
         cascade: also load a cascade configuration's previous stage (False: the caller supplies
             the one-hot channels, as the end-of-fold validation does).
+        precision: autocast precision of prediction (:func:`autoseg.precision.resolve_precision`).
 
     Raises:
         PredictionError: nothing trained, an unknown fold, or networks that do not fit the plan.
@@ -596,7 +604,7 @@ def load_trained_model(model_dir: str | os.PathLike, configuration: str | None =
                                   f"{loaded[0].fold} takes {loaded[0].topology.in_channels}; ensemble folds of one kind")
     decision = load_postprocessing(WorkDir(model_dir).models(name))
     model = TrainedModel(model_dir, plan, config, loaded, device, info.values, info.names, info.is_regions,
-                         decision)
+                         decision, precision=resolve_precision(precision, device))
     previous = _previous_stage(model, fold_names, checkpoint, load=cascade)
     model.previous = previous if cascade else None
     return model
@@ -621,7 +629,7 @@ def _previous_stage(model: TrainedModel, fold_names: Sequence[str], checkpoint: 
     # the previous stage's folds matching the cascade's (each fold's inputs came from the same split)
     same = [f for f in fold_names if f in previous_folds]
     return load_trained_model(model.model_dir, config.previous_stage, same or previous_folds, checkpoint,
-                              model.device, cascade=True)
+                              model.device, cascade=True, precision=model.precision)
 
 
 # --- one case ----------------------------------------------------------------------------------------
@@ -646,7 +654,7 @@ def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, 
             fold.network, image, model.configuration.patch_size, step=step,
             tta_axes=fold.mirror_axes if tta else (), batch_size=batch_size, device=model.device,
             output_channels=model.num_outputs, activation=model.activation, accumulate_dtype=accumulate_dtype,
-            progress=progress)
+            progress=progress, precision=model.precision)
         if total is None:
             total = probabilities
         else:
@@ -859,6 +867,7 @@ def predict_folder(
     checkpoint: str = "best",
     num_workers: int = 2,
     progress: bool = True,
+    precision: str = "auto",
 ) -> list[Path]:
     """Segment every case of a folder and write the results in the inputs' own geometry and format.
 
@@ -878,6 +887,8 @@ def predict_folder(
         num_workers: background threads that preprocess the next case and export the previous one
             while the network runs; 0 does everything in turn in this thread.
         progress: progress bars (cases, and tiles of the current case).
+        precision: ``auto`` (bfloat16 where the device computes it natively, else float32),
+            ``fp32``, ``bf16`` or ``fp16`` (CUDA); see :mod:`autoseg.precision`.
 
     Returns:
         The label files of every case (written now or found from an earlier run).
@@ -898,7 +909,7 @@ def predict_folder(
         configuration, folds, tta, step = name, available[:1], False, FAST_STEP
     if not 0 < step <= 1:
         raise PredictionError(f"step must be in (0, 1], got {step}")
-    model = load_trained_model(model_dir, configuration, folds, checkpoint, device)
+    model = load_trained_model(model_dir, configuration, folds, checkpoint, device, precision=precision)
     dataset_json_path = WorkDir(model_dir).dataset_json
     dataset = load_dataset_json(dataset_json_path) if dataset_json_path.is_file() else None
     ending = _input_ending(input_dir, dataset)

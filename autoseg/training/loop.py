@@ -12,8 +12,10 @@ channels and the previous stage's folds (:mod:`.previous_stage`).
 
 Optimization (nnU-Net's): SGD with Nesterov momentum, poly learning-rate decay
 ``lr = initial_lr * (1 - epoch / epochs) ** lr_decay_exponent`` set at the start of each epoch,
-gradient-norm clipping, automatic mixed precision (float16 autocast and a gradient scaler) on CUDA
-only. On the CPU torch uses every core (divided among the processes of a torchrun job).
+gradient-norm clipping. Precision and compilation follow :mod:`autoseg.precision`: bfloat16
+autocast where the device computes it natively, float16 autocast with a gradient scaler on a CUDA
+GPU without bf16, float32 elsewhere; ``torch.compile`` by default on CUDA. On the CPU torch uses
+every core this process may run on (divided among the processes of a torchrun job).
 
 Resuming (``resume=True``) continues from ``checkpoint_latest.pt`` exactly where it stopped: at an
 epoch boundary, or mid-epoch after Ctrl-C (the interrupt writes a checkpoint of the last finished
@@ -52,6 +54,15 @@ from autoseg.plan import (
     load_plan,
     plan_hash,
     save_plan,
+)
+from autoseg.precision import (
+    Precision,
+    PrecisionError,
+    autocast,
+    maybe_compile,
+    needs_grad_scaler,
+    resolve_compile,
+    resolve_precision,
 )
 from autoseg.training import monitor
 from autoseg.training.checkpoint import (
@@ -182,6 +193,7 @@ class _Run:
     loss: nn.Module
     progress: Progress
     fold: int | str
+    precision: Precision
     previous_stage: PreviousStage | None = None
     in_optimizer_step: bool = False
 
@@ -205,6 +217,8 @@ def train(
     pretrained: str | os.PathLike | None = None,
     progress: bool = True,
     num_threads: int | None = None,
+    precision: str = "auto",
+    compile_network: str = "auto",
 ) -> Path:
     """Train one fold of a configuration and return its folder.
 
@@ -222,7 +236,10 @@ def train(
             fold folder without a checkpoint starts from scratch.
         pretrained: fold folder (or checkpoint file) of a model to fine-tune from.
         progress: show progress bars.
-        num_threads: torch CPU threads; None: every core (divided among torchrun processes).
+        num_threads: torch CPU threads; None: every core this process may run on (divided among
+            torchrun processes).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (:func:`autoseg.precision.resolve_precision`).
+        compile_network: ``auto``, ``on`` or ``off`` (:func:`autoseg.precision.resolve_compile`).
 
     Raises:
         TrainingError: the fold folder already has a checkpoint and ``resume`` is False, or the
@@ -232,9 +249,9 @@ def train(
     try:
         if context.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError("device cuda was asked for but torch sees no CUDA device; use --device cpu")
-        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // context.world_size))
+        torch.set_num_threads(num_threads or max(1, usable_cores() // context.world_size))
         run = _assemble(context, Path(work_dir), configuration, fold, overrides, resume, pretrained,
-                        progress and context.is_main)
+                        progress and context.is_main, precision, compile_network)
         workers = default_workers(context.world_size) if workers is None else workers
         trained = _fit(run, workers, progress and context.is_main)
         if trained or not (run.fold_dir / VALIDATION_DIR / "summary.json").exists():
@@ -247,9 +264,17 @@ def train(
 # --- assembling the parts -------------------------------------------------------------------------
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int | str,
               overrides: TrainOverrides | None, resume: bool, pretrained: str | os.PathLike | None,
-              show_progress: bool = False) -> _Run:
+              show_progress: bool = False, precision: str = "auto", compile_network: str = "auto") -> _Run:
     work = WorkDir(work_dir)
     plan = load_plan(work.plan)
     configuration = plan.configuration(name)
@@ -302,10 +327,16 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
         network.load_state_dict(checkpoint["network"])
     elif pretrained is not None:
         _load_matching_weights(network, pretrained_state["network"], Path(pretrained))
-    model = wrap_model(network, context)
+    try:
+        resolved = resolve_precision(precision, context.device)
+        compiled = resolve_compile(compile_network, context.device)
+    except PrecisionError as error:
+        raise TrainingError(str(error)) from None
+    model = maybe_compile(wrap_model(network, context), compiled)
+    # foreach: one fused kernel per step over all parameters instead of one per tensor
     optimizer = torch.optim.SGD(network.parameters(), lr=schedule.initial_lr, momentum=schedule.momentum,
-                                nesterov=True, weight_decay=schedule.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda")
+                                nesterov=True, weight_decay=schedule.weight_decay, foreach=True)
+    scaler = torch.amp.GradScaler(context.device.type, enabled=needs_grad_scaler(resolved))
     progress = Progress()
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -321,8 +352,11 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
         atomic_write_json(fold_dir / SCHEDULE_FILE, _SCHEDULE.dump_python(schedule, mode="json"))
         effective = dataclasses.replace(plan, configurations={**plan.configurations, name: configuration})
         save_plan(effective, fold_dir / PLAN_FILE)
+    if show_progress:
+        print(f"training on {context.device} in {resolved}{' with torch.compile' if compiled else ''}, "
+              f"{torch.get_num_threads()} thread(s) per process")
     return _Run(context, plan, configuration, fold_dir, label_info, dataset, train_cases, val_cases, network,
-                model, optimizer, scaler, loss, progress, fold, previous_stage)
+                model, optimizer, scaler, loss, progress, fold, resolved, previous_stage)
 
 
 def _check_manifest(dataset: PreprocessedDataset, plan: Plan, name: str) -> None:
@@ -492,9 +526,10 @@ def _train_step(run: _Run, batch: Mapping[str, Any]) -> float:
     data, target = _to_device(batch, run.device)
     optimizer, scaler = run.optimizer, run.scaler
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(run.device.type, enabled=run.device.type == "cuda"):
-        loss = run.loss(run.model(data), target)
-    scaler.scale(loss).backward()  # a disabled scaler (CPU) passes the loss through
+    with autocast(run.device, run.precision):
+        output = run.model(data)
+    loss = run.loss(output, target)  # float32: the losses cast the logits up
+    scaler.scale(loss).backward()  # a disabled scaler (no float16) passes the loss through
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(run.network.parameters(), run.schedule.grad_clip)
     run.in_optimizer_step = True
@@ -513,7 +548,7 @@ def _validate_epoch(run: _Run, stream: BatchStream, iterations: int) -> dict[str
     loss_sum = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of losses, batches)
     for _ in range(iterations):
         data, target = _to_device(next(stream), run.device)
-        with torch.autocast(run.device.type, enabled=run.device.type == "cuda"):
+        with autocast(run.device, run.precision):
             output = run.model(data)
         if isinstance(output, (list, tuple)):
             output = output[0]
@@ -592,6 +627,7 @@ def _save(run: _Run, path: Path) -> None:
         "fold": str(run.fold),
         "plan_hash": plan_hash(run.plan),
         "world_size": run.context.world_size,
+        "precision": run.precision,
     })
 
 

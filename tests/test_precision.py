@@ -1,0 +1,118 @@
+"""Precision and compile choices: what "auto" picks per device, and that every stage honours them."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_training_support import cube_cases, make_work, tiny_plan
+
+import autoseg.precision as precision
+from autoseg.errors import AutosegError
+from autoseg.inference import sliding_window_predict
+from autoseg.precision import (
+    PrecisionError,
+    autocast,
+    maybe_compile,
+    needs_grad_scaler,
+    resolve_compile,
+    resolve_precision,
+)
+from autoseg.training import TrainingError, train
+from autoseg.training.checkpoint import load_checkpoint
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("device, native, expected", [
+    (CPU, True, "bf16"),  # AVX512-BF16 / AMX
+    (CPU, False, "fp32"),  # emulated bf16 is far slower than float32
+    (CUDA, True, "bf16"),
+    (CUDA, False, "fp16"),  # an older GPU: float16 with a gradient scaler
+])
+def test_auto_picks_the_fastest_native_precision(monkeypatch, device, native, expected) -> None:
+    monkeypatch.setattr(precision, "native_bf16", lambda d: native)
+    assert resolve_precision("auto", device) == expected
+    assert needs_grad_scaler(resolve_precision("auto", device)) == (expected == "fp16")
+
+
+def test_explicit_choices_are_checked(monkeypatch) -> None:
+    monkeypatch.setattr(precision, "native_bf16", lambda d: False)
+    assert resolve_precision("fp32", CPU) == "fp32"
+    with pytest.raises(PrecisionError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(PrecisionError, match="unknown precision 'half'"):
+        resolve_precision("half", CPU)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        assert resolve_precision("bf16", CPU) == "bf16"
+    assert issubclass(PrecisionError, AutosegError)
+
+
+def test_native_bf16_on_this_cpu_matches_onednn() -> None:
+    assert precision.native_bf16(CPU) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_compile_auto_is_on_for_cuda_only(monkeypatch) -> None:
+    monkeypatch.setattr(precision, "compiler_available", lambda d: True)
+    assert resolve_compile("auto", CUDA) is True
+    assert resolve_compile("auto", CPU) is False
+    assert resolve_compile("on", CPU) is True
+    assert resolve_compile("off", CUDA) is False
+    monkeypatch.setattr(precision, "compiler_available", lambda d: False)
+    assert resolve_compile("auto", CUDA) is False  # no triton: eager, no error
+    with pytest.raises(PrecisionError, match="needs a C\\+\\+ compiler"):
+        resolve_compile("on", CPU)
+    with pytest.raises(PrecisionError, match="unknown compile mode"):
+        resolve_compile("yes", CPU)
+
+
+def test_compiler_available_looks_for_a_cpp_compiler(monkeypatch) -> None:
+    monkeypatch.setattr(precision.shutil, "which", lambda name: None)
+    assert not precision.compiler_available(CPU)
+    monkeypatch.setattr(precision.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert precision.compiler_available(CPU)
+    assert not precision.compiler_available(torch.device("mps"))
+
+
+def test_autocast_computes_in_the_chosen_dtype() -> None:
+    a = torch.randn(4, 4)
+    with autocast(CPU, "fp32"):
+        assert (a @ a).dtype == torch.float32
+    with autocast(CPU, "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    assert maybe_compile(torch.nn.Identity(), False).__class__ is torch.nn.Identity
+
+
+def _tiny_network(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 3, 3, padding=1)).eval()
+
+
+def test_sliding_window_in_bf16_agrees_with_float32() -> None:
+    """Labels from bf16 forward passes agree with float32's on at least 99.5% of voxels."""
+    image = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, 40, 40)).astype(np.float32))
+    network = _tiny_network()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = sliding_window_predict(network, image, (16, 16), tta_axes=(0, 1), precision="fp32")
+        half = sliding_window_predict(network, image, (16, 16), tta_axes=(0, 1), precision="bf16")
+    assert half.dtype == torch.float32  # summed in float32 whatever the forward precision
+    agreement = (full.argmax(0) == half.argmax(0)).float().mean().item()
+    assert agreement >= 0.995
+    assert not torch.equal(full, half)  # bf16 really ran: the probabilities differ in the last bits
+    assert torch.allclose(full, half, atol=0.05)
+
+
+def test_training_records_its_precision_and_refuses_what_the_device_cannot_do(tmp_path: Path) -> None:
+    plan = tiny_plan(epochs=1, iterations_per_epoch=2, validation_iterations=1)
+    work = make_work(tmp_path / "work", plan, cube_cases(4))
+    fold_dir = train(work, "3d_fullres", 0, workers=0, progress=False, num_threads=1, precision="fp32",
+                     compile_network="off")
+    state = load_checkpoint(fold_dir / "checkpoint_latest.pt")
+    assert state["precision"] == "fp32" and state["grad_scaler"] is None
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
+        train(work, "3d_fullres", 1, workers=0, progress=False, num_threads=1, precision="fp16")
