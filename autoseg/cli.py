@@ -148,6 +148,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from autoseg.training import TrainOverrides, train
+    from autoseg.training.budget import parse_duration
 
     overrides = TrainOverrides(
         epochs=args.epochs,
@@ -162,7 +163,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     fold: int | str = args.fold if args.fold == "all" else int(args.fold)
     folder = train(args.work, args.configuration, fold, overrides=overrides, device=args.device,
                    workers=args.workers, resume=args.resume, pretrained=args.pretrained,
-                   precision=args.precision, compile_network=args.compile)
+                   precision=args.precision, compile_network=args.compile,
+                   time_budget=parse_duration(args.time_budget) if args.time_budget else None)
     print(f"model written to {folder}")
     return 0
 
@@ -355,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loading processes (0: in the main process)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--pretrained", type=Path, default=None, help="fold folder of a model to fine-tune from")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="wall time for this command, e.g. 30m, 2h, 1h30m: epochs, iterations and the learning-rate "
+                        "decay are fitted to it from the measured speed, and it ends with a validated model")
     _precision_argument(p)
     p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
                    help="torch.compile the network (auto: on CUDA; the CPU gains too little for its warm-up)")

@@ -23,9 +23,8 @@ iteration). Extending a finished run (``resume=True`` with a larger ``epochs`` o
 the poly schedule recomputed for the new total, so the learning rate jumps up at the extension
 point (from the old schedule's end value to ``initial_lr * (1 - e / new_epochs) ** 0.9``).
 
-Fine-tuning (``pretrained=MODEL_DIR``) builds the network with that model's topology (recorded in
-its checkpoint) and starts from its weights; optimizer and schedule start fresh. When the number of
-classes differs, the output heads (the parameters whose shapes differ) start from scratch.
+Fine-tuning (``pretrained=MODEL_DIR``): :mod:`.pretrained`. A time budget (``time_budget=``)
+refits epochs, iterations and the learning-rate decay to the wall time: :mod:`.budget`.
 """
 
 from __future__ import annotations
@@ -65,6 +64,7 @@ from autoseg.precision import (
     resolve_precision,
 )
 from autoseg.training import monitor
+from autoseg.training.budget import TimeBudget, approximate_tiles, format_duration, sliding_window_seconds
 from autoseg.training.checkpoint import (
     CHECKPOINT_BEST,
     CHECKPOINT_LATEST,
@@ -92,6 +92,7 @@ from autoseg.training.distributed import (
 from autoseg.training.errors import TrainingError
 from autoseg.training.labels import LabelInfo
 from autoseg.training.losses import build_loss
+from autoseg.training.pretrained import adopt_topology, load_matching_weights, load_pretrained
 from autoseg.training.previous_stage import PreviousStage, prepare_previous_stage, previous_stage_splits
 from autoseg.training.splits import fold_cases, load_or_create_splits
 from autoseg.training.validation import predict_and_score, summarize_validation
@@ -196,6 +197,7 @@ class _Run:
     precision: Precision
     previous_stage: PreviousStage | None = None
     in_optimizer_step: bool = False
+    budget: TimeBudget | None = None
 
     @property
     def schedule(self) -> Schedule:
@@ -219,6 +221,7 @@ def train(
     num_threads: int | None = None,
     precision: str = "auto",
     compile_network: str = "auto",
+    time_budget: float | None = None,
 ) -> Path:
     """Train one fold of a configuration and return its folder.
 
@@ -240,11 +243,17 @@ def train(
             torchrun processes).
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (:func:`autoseg.precision.resolve_precision`).
         compile_network: ``auto``, ``on`` or ``off`` (:func:`autoseg.precision.resolve_compile`).
+        time_budget: seconds this call may take, end-of-fold validation included; the epochs,
+            iterations per epoch and learning-rate decay are fitted to it (:mod:`.budget`), never
+            beyond the plan's schedule and the overrides.
 
     Raises:
         TrainingError: the fold folder already has a checkpoint and ``resume`` is False, or the
             request does not fit the plan or the data.
     """
+    started = time.monotonic()
+    if time_budget is not None and not time_budget > 0:
+        raise TrainingError(f"the time budget must be longer than 0 seconds, got {time_budget}")
     context = setup_distributed(device)
     try:
         if context.device.type == "cuda" and not torch.cuda.is_available():
@@ -252,6 +261,8 @@ def train(
         torch.set_num_threads(num_threads or max(1, usable_cores() // context.world_size))
         run = _assemble(context, Path(work_dir), configuration, fold, overrides, resume, pretrained,
                         progress and context.is_main, precision, compile_network)
+        if time_budget is not None:
+            run.budget = _start_budget(run, started + time_budget, overrides)
         workers = default_workers(context.world_size) if workers is None else workers
         trained = _fit(run, workers, progress and context.is_main)
         if trained or not (run.fold_dir / VALIDATION_DIR / "summary.json").exists():
@@ -304,8 +315,8 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
     if checkpoint is not None:
         topology = _TOPOLOGY.validate_python(checkpoint["topology"])
     elif pretrained is not None:
-        pretrained_state = _load_pretrained(Path(pretrained))
-        topology = _adopt_topology(pretrained_state, configuration, Path(pretrained))
+        pretrained_state = load_pretrained(Path(pretrained))
+        topology = adopt_topology(pretrained_state, configuration, Path(pretrained))
     else:
         topology = configuration.topology
     try:
@@ -326,7 +337,7 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
     if checkpoint is not None:
         network.load_state_dict(checkpoint["network"])
     elif pretrained is not None:
-        _load_matching_weights(network, pretrained_state["network"], Path(pretrained))
+        load_matching_weights(network, pretrained_state["network"], Path(pretrained))
     try:
         resolved = resolve_precision(precision, context.device)
         compiled = resolve_compile(compile_network, context.device)
@@ -400,43 +411,6 @@ def _previous_stage(context: DistributedContext, work: WorkDir, plan: Plan, conf
     return PreviousStage.of(work, plan, configuration.name)
 
 
-def _load_pretrained(path: Path) -> dict[str, Any]:
-    file = path
-    if path.is_dir():
-        file = path / CHECKPOINT_LATEST if (path / CHECKPOINT_LATEST).exists() else path / CHECKPOINT_BEST
-    state = load_checkpoint(file)
-    if "topology" not in state:
-        raise TrainingError(f"{file}: the checkpoint records no topology, so it cannot be fine-tuned from")
-    return state
-
-
-def _adopt_topology(state: Mapping[str, Any], configuration: Configuration, source: Path) -> Topology:
-    """The pretrained model's topology, with this dataset's number of classes."""
-    theirs = _TOPOLOGY.validate_python(state["topology"])
-    ours = configuration.topology
-    if theirs.dim != ours.dim:
-        raise TrainingError(f"{source}: the pretrained network is {theirs.dim}D, configuration "
-                            f"{configuration.name!r} is {ours.dim}D")
-    if theirs.in_channels != ours.in_channels:
-        raise TrainingError(f"{source}: the pretrained network takes {theirs.in_channels} input channel(s), "
-                            f"this dataset has {ours.in_channels}")
-    return dataclasses.replace(theirs, num_classes=ours.num_classes)
-
-
-def _load_matching_weights(network: nn.Module, weights: Mapping[str, torch.Tensor], source: Path) -> None:
-    """Copy every pretrained tensor whose name and shape match; only output heads may differ."""
-    own = network.state_dict()
-    missing = sorted(set(own) - set(weights))
-    if missing:
-        raise TrainingError(f"{source}: the pretrained weights lack {len(missing)} tensor(s) of this network, "
-                            f"e.g. {missing[:3]}")
-    skipped = [k for k in own if weights[k].shape != own[k].shape]
-    network.load_state_dict({k: (own[k] if k in skipped else weights[k]) for k in own})
-    if skipped:
-        print(f"fine-tuning from {source}: {len(skipped)} tensor(s) with another shape start fresh "
-              f"(the output heads, as the number of classes differs): {skipped}")
-
-
 # --- the training loop ----------------------------------------------------------------------------
 
 
@@ -445,14 +419,17 @@ def _fit(run: _Run, workers: int, show_progress: bool) -> bool:
     schedule, context, progress = run.schedule, run.context, run.progress
     if progress.epoch >= schedule.epochs:
         return False
-    iterations = math.ceil(schedule.iterations_per_epoch / context.world_size)
-    val_iterations = math.ceil(schedule.validation_iterations / context.world_size)
     train_stream, val_stream = _streams(run, workers)
     try:
         with train_stream, val_stream:
-            while progress.epoch < schedule.epochs:
-                _train_epoch(run, train_stream, iterations, show_progress)
+            # run.schedule, not schedule: a time budget refits it as the run goes
+            while progress.epoch < run.schedule.epochs:
+                started = time.monotonic()
+                _train_epoch(run, train_stream, show_progress)
+                val_iterations = math.ceil(run.schedule.validation_iterations / context.world_size)
                 entry = _validate_epoch(run, val_stream, val_iterations)
+                if run.budget is not None:
+                    _refit_budget(run, time.monotonic() - started)
                 _finish_epoch(run, entry, show_progress)
     except KeyboardInterrupt:
         # Only the optimizer step changes the weights: outside it they match the iteration count.
@@ -462,6 +439,73 @@ def _fit(run: _Run, workers: int, show_progress: bool) -> bool:
                   f"{progress.iteration}; --resume continues from there")
         raise
     return True
+
+
+# --- time budget (see .budget) ---------------------------------------------------------------------
+
+
+def _start_budget(run: _Run, deadline: float, overrides: TrainOverrides | None) -> TimeBudget:
+    # the plan's schedule with this run's overrides bounds the fit, not an earlier fit's result
+    limit = apply_overrides(run.plan.configuration(run.configuration.name).schedule,
+                            overrides.as_dict() if overrides else {})
+    return TimeBudget(deadline, limit.epochs, limit.iterations_per_epoch, limit.validation_iterations)
+
+
+def _mean_over_ranks(run: _Run, value: float) -> float:
+    # every rank must take the same decision, so they decide from the same numbers
+    total = all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=run.device), run.context)
+    return float(total[0]) / run.context.world_size
+
+
+def _budget_step(run: _Run, seconds: float) -> bool:
+    """Feed one iteration's seconds to the budget; True: stop now, this epoch is the last."""
+    budget, progress, world = run.budget, run.progress, run.context.world_size
+    assert budget is not None
+    seconds_per_iteration = budget.observe(seconds)
+    if seconds_per_iteration is not None:
+        per_rank = _mean_over_ranks(run, seconds_per_iteration)
+        budget.final_validation = _final_validation_seconds(run, per_rank)
+        fit = budget.fit(per_rank / world, progress.epoch, progress.iteration * world)
+        _set_schedule(run, epochs=fit.epochs, iterations_per_epoch=fit.iterations_per_epoch,
+                      validation_iterations=fit.validation_iterations)
+        if run.context.is_main:
+            tqdm.write(f"time budget: {per_rank:.2f} s per iteration, {format_duration(budget.left())} left -> "
+                       f"{fit.epochs} epochs x {fit.iterations_per_epoch} iterations, end-of-fold validation "
+                       f"~{format_duration(budget.final_validation)}")
+        return False
+    if _mean_over_ranks(run, float(budget.overdue())) > 0:
+        _set_schedule(run, epochs=progress.epoch + 1)
+        if run.context.is_main:
+            tqdm.write(f"time budget: {format_duration(budget.left())} left, ending with epoch {progress.epoch + 1}")
+        return True
+    return False
+
+
+def _refit_budget(run: _Run, epoch_seconds: float) -> None:
+    budget = run.budget
+    assert budget is not None
+    if budget.fitted and run.progress.epoch + 1 < run.schedule.epochs:
+        epochs = budget.refit(_mean_over_ranks(run, epoch_seconds), run.progress.epoch + 1)
+        if epochs != run.schedule.epochs:
+            _set_schedule(run, epochs=epochs)
+
+
+def _final_validation_seconds(run: _Run, seconds_per_iteration: float) -> float:
+    """The end-of-fold validation's cost: its tiles, mirrored, forward only, split over the ranks."""
+    if run.fold == "all":
+        return 0.0
+    patch = run.configuration.patch_size
+    tiles = [approximate_tiles(run.dataset.load(case)[1].shape, patch) for case in run.val_cases]
+    mirrorings = 2 ** len(run.schedule.mirror_axes)
+    return sliding_window_seconds(tiles, mirrorings, seconds_per_iteration,
+                                  run.configuration.batch_size) / run.context.world_size
+
+
+def _set_schedule(run: _Run, **fields: int) -> None:
+    schedule = dataclasses.replace(run.schedule, **fields)
+    run.configuration = dataclasses.replace(run.configuration, schedule=schedule)
+    if run.context.is_main:
+        atomic_write_json(run.fold_dir / SCHEDULE_FILE, _SCHEDULE.dump_python(schedule, mode="json"))
 
 
 def _streams(run: _Run, workers: int) -> tuple[BatchStream, BatchStream]:
@@ -488,8 +532,13 @@ def _augmentation(configuration: Configuration) -> Any:
         raise TrainingError(f"augmentation of configuration {configuration.name!r}: {error}") from None
 
 
-def _train_epoch(run: _Run, stream: BatchStream, iterations: int, show_progress: bool) -> None:
+def _iterations_per_rank(run: _Run) -> int:
+    return math.ceil(run.schedule.iterations_per_epoch / run.context.world_size)
+
+
+def _train_epoch(run: _Run, stream: BatchStream, show_progress: bool) -> None:
     schedule, progress = run.schedule, run.progress
+    iterations = _iterations_per_rank(run)
     lr = poly_lr(schedule.initial_lr, progress.epoch, schedule.epochs, schedule.lr_decay_exponent)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -498,7 +547,7 @@ def _train_epoch(run: _Run, stream: BatchStream, iterations: int, show_progress:
                disable=not show_progress, leave=False, dynamic_ncols=True)
     started = time.perf_counter() - progress.epoch_elapsed
     try:
-        while progress.iteration < iterations:
+        while progress.iteration < _iterations_per_rank(run):
             tick = time.perf_counter()
             batch = next(stream)
             loaded = time.perf_counter()
@@ -512,6 +561,11 @@ def _train_epoch(run: _Run, stream: BatchStream, iterations: int, show_progress:
             progress.epoch_elapsed = done - started
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if run.budget is not None and _budget_step(run, done - loaded):
+                break
+            if bar.total != _iterations_per_rank(run):  # the budget's first fit changed the epoch
+                bar.total = _iterations_per_rank(run)
+                bar.set_description(f"epoch {progress.epoch + 1}/{run.schedule.epochs}")
     finally:
         bar.close()
 
@@ -563,16 +617,6 @@ def _validate_epoch(run: _Run, stream: BatchStream, iterations: int) -> dict[str
             "validation_time": time.perf_counter() - started}
 
 
-def _epoch_line(entry: dict[str, Any], epochs: int) -> str:
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4f}"
-
-    dice = ", ".join(f"{k} {number(v)}" for k, v in entry["pseudo_dice"].items())
-    return (f"epoch {entry['epoch'] + 1}/{epochs}: train loss {number(entry['train_loss'])}, validation loss "
-            f"{number(entry['val_loss'])}, pseudo-Dice [{dice}] (EMA {number(entry['ema_pseudo_dice'])}), "
-            f"lr {entry['lr']:.2e}, {entry['epoch_time']:.1f} s ({entry['data_time']:.1f} s waiting for data)")
-
-
 def _finish_epoch(run: _Run, validation: dict[str, Any], show_progress: bool) -> None:
     progress, schedule, context = run.progress, run.schedule, run.context
     train_loss = torch.tensor([sum(progress.epoch_losses), len(progress.epoch_losses)], dtype=torch.float64,
@@ -605,7 +649,7 @@ def _finish_epoch(run: _Run, validation: dict[str, Any], show_progress: bool) ->
     if not context.is_main:
         return
     if show_progress:
-        tqdm.write(_epoch_line(entry, schedule.epochs))
+        tqdm.write(monitor.epoch_line(entry, schedule.epochs))
     monitor.write_log(run.fold_dir / LOG_FILE, progress.log)
     monitor.plot_progress(run.fold_dir / PROGRESS_FILE, progress.log)
     if improved:

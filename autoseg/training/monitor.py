@@ -124,3 +124,15 @@ def plot_progress(path: str | os.PathLike, entries: Sequence[dict[str, Any]]) ->
     timing.set_xlabel("epoch")
     timing.legend(loc="upper right")
     return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=80))
+
+
+def epoch_line(entry: dict[str, Any], epochs: int) -> str:
+    """The one line printed after each epoch."""
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    dice = ", ".join(f"{k} {number(v)}" for k, v in entry["pseudo_dice"].items())
+    return (f"epoch {entry['epoch'] + 1}/{epochs}: train loss {number(entry['train_loss'])}, validation loss "
+            f"{number(entry['val_loss'])}, pseudo-Dice [{dice}] (EMA {number(entry['ema_pseudo_dice'])}), "
+            f"lr {entry['lr']:.2e}, {entry['epoch_time']:.1f} s ({entry['data_time']:.1f} s waiting for data)")
