@@ -58,6 +58,7 @@ from autoseg.precision import (
     Precision,
     PrecisionError,
     autocast,
+    default_threads,
     maybe_compile,
     needs_grad_scaler,
     resolve_compile,
@@ -258,7 +259,7 @@ def train(
     try:
         if context.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError("device cuda was asked for but torch sees no CUDA device; use --device cpu")
-        torch.set_num_threads(num_threads or max(1, usable_cores() // context.world_size))
+        torch.set_num_threads(num_threads or default_threads(context.world_size))
         run = _assemble(context, Path(work_dir), configuration, fold, overrides, resume, pretrained,
                         progress and context.is_main, precision, compile_network)
         if time_budget is not None:
@@ -273,14 +274,6 @@ def train(
 
 
 # --- assembling the parts -------------------------------------------------------------------------
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the host's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
 
 
 def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int | str,
