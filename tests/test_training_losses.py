@@ -169,6 +169,7 @@ def test_boundary_term_rewards_mass_inside_the_target() -> None:
     (Schedule(loss="lovasz"), "unknown loss 'lovasz'"),
     (Schedule(loss_options={"gamma": 2}), r"unknown loss option\(s\) \['gamma'\]"),
     (Schedule(loss_options={"class_weights": [1, 2]}), "class_weights has 2 entries"),
+    (Schedule(loss_options={"ce_class_weights": [1, 2, 3, 4]}), "ce_class_weights has 4 entries"),
 ])
 def test_bad_loss_settings_are_named(schedule: Schedule, message: str) -> None:
     with pytest.raises(LossConfigError, match=message):
@@ -181,3 +182,16 @@ def test_class_weights_shift_the_dice_towards_the_heavier_class() -> None:
     light = SoftDiceLoss(False, class_weights=[1.0, 1.0, 0.1])(logits, target)
     heavy = SoftDiceLoss(False, class_weights=[1.0, 0.1, 1.0])(logits, target)
     assert heavy > light
+
+
+def test_ce_class_weights_weigh_the_cross_entropy_alone() -> None:
+    target = torch.tensor([0, 0, 0, 1, 2, 2], dtype=torch.int16).view(1, 1, 6)
+    logits = torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(0))
+    topology = tiny_topology(3, num_classes=3)
+    plain = build_loss(Schedule(), topology, PLAIN).loss.terms
+    weighted = build_loss(Schedule(loss_options={"ce_class_weights": [1.0, 5.0, 0.5]}), topology, PLAIN).loss.terms
+    assert torch.equal(weighted["dice"](logits, target), plain["dice"](logits, target))
+    expected = FocalLoss(False, gamma=0, class_weights=[1.0, 5.0, 0.5])(logits, target)
+    assert weighted["ce"](logits, target).item() == pytest.approx(expected.item())
+    assert weighted["ce"](logits, target).item() != pytest.approx(plain["ce"](logits, target).item())
+

@@ -46,6 +46,8 @@ LOSS_OPTIONS = {
     "focal_gamma": "Focal loss focusing parameter (default 2; 0 gives cross-entropy)",
     "boundary": "weight of the optional boundary term (default 0: off)",
     "class_weights": "one weight per output channel, for every term (default: all 1)",
+    "ce_class_weights": "one weight per output channel for the cross-entropy/Focal term only (default: "
+                        "class_weights)",
 }
 DEFAULT_SMOOTH = 1e-5
 DEFAULT_FOCAL_GAMMA = 2.0
@@ -256,14 +258,16 @@ def build_loss(schedule: Schedule, topology: Topology, label_info: LabelInfo) ->
         raise LossConfigError(f"unknown loss {schedule.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
     label_info.check_network(topology.num_classes)
     class_weights = options.get("class_weights")
-    if class_weights is not None and len(class_weights) != label_info.num_outputs:
-        raise LossConfigError(f"class_weights has {len(class_weights)} entries, the network has "
-                              f"{label_info.num_outputs} outputs {list(label_info.names)}")
+    ce_class_weights = options.get("ce_class_weights", class_weights)
+    for name, weights in (("class_weights", class_weights), ("ce_class_weights", ce_class_weights)):
+        if weights is not None and len(weights) != label_info.num_outputs:
+            raise LossConfigError(f"{name} has {len(weights)} entries, the network has "
+                                  f"{label_info.num_outputs} outputs {list(label_info.names)}")
     regions = label_info.is_regions
     batch_dice = bool(options.get("batch_dice", topology.dim == 2))
     dice = SoftDiceLoss(regions, batch_dice, float(options.get("smooth", DEFAULT_SMOOTH)), class_weights)
     gamma = 0.0 if schedule.loss in ("dice_ce", "ce") else float(options.get("focal_gamma", DEFAULT_FOCAL_GAMMA))
-    voxelwise = FocalLoss(regions, gamma, class_weights)
+    voxelwise = FocalLoss(regions, gamma, ce_class_weights)
     dice_weight = float(options.get("dice_weight", 1.0))
     ce_weight = float(options.get("ce_weight", 1.0))
     terms = {
