@@ -19,14 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from autoseg.labels import LabelInfo
+from autoseg.resampling import resample_label
+
 
 def previous_stage_values(labels: Mapping[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """Per one-hot channel, the label values it marks (``plan.labels`` or ``dataset.json`` labels)."""
-    is_regions = any(not isinstance(v, int) for v in labels.values())
-    if is_regions:
-        return tuple(tuple(v) if not isinstance(v, int) else (v,) for name, v in labels.items()
-                     if name not in ("background", "ignore"))
-    return tuple((v,) for v in sorted(v for name, v in labels.items() if name != "ignore" and v != 0))
+    """Per one-hot channel, the label values it marks (``plan.labels`` or ``dataset.json`` labels).
+
+    >>> previous_stage_values({"background": 0, "b": 2, "a": 1, "ignore": 9})
+    ((1,), (2,))
+    """
+    return LabelInfo.from_labels(labels).cascade_values
 
 
 def one_hot(label_map: np.ndarray, values: Sequence[Sequence[int]]) -> np.ndarray:
@@ -49,8 +52,6 @@ def to_stage_grid(label_map: np.ndarray, from_properties: Mapping[str, Any], to_
     Both properties are preprocessing sidecars of the same case (``spacing_after_resampling`` and
     ``shape_after_resampling``); the crop is the same, so only the spacing differs.
     """
-    from autoseg.resampling import resample_label
-
     shape = tuple(int(s) for s in to_properties["shape_after_resampling"])
     if tuple(label_map.shape) == shape:
         return np.asarray(label_map)

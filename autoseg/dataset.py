@@ -29,6 +29,8 @@ import numpy as np
 
 from autoseg.errors import AutosegError
 from autoseg.io import SUPPORTED_ENDINGS, Image, read_image
+from autoseg.labels import LabelError, LabelInfo, declared_values
+from autoseg.utils import atomic_write_json
 
 DATASET_JSON = "dataset.json"
 IMAGES_TR = "imagesTr"
@@ -54,12 +56,8 @@ class DatasetError(AutosegError):
         super().__init__("\n".join(f"- {p}" for p in self.problems))
 
 
-def label_values_of(labels: dict[str, int | tuple[int, ...]]) -> set[int]:
-    """Every voxel value a label map may contain, given labels (name -> value or region values)."""
-    values: set[int] = set()
-    for value in labels.values():
-        values.update(value if isinstance(value, tuple) else (value,))
-    return values
+# every voxel value a label map may contain (kept under this name for its importers)
+label_values_of = declared_values
 
 
 @dataclass(frozen=True)
@@ -85,23 +83,27 @@ class DatasetJson:
         return [self.channel_names[k] for k in sorted(self.channel_names, key=int)]
 
     @property
+    def label_info(self) -> LabelInfo:
+        """What the labels mean (:mod:`autoseg.labels`): outputs, regions, ignore, scored classes."""
+        return LabelInfo.from_labels(self.labels, self.regions_class_order)
+
+    @property
     def has_regions(self) -> bool:
-        return any(isinstance(v, tuple) for v in self.labels.values())
+        return self.label_info.is_regions
 
     @property
     def ignore_label(self) -> int | None:
-        value = self.labels.get("ignore")
-        return value if isinstance(value, int) else None
+        return self.label_info.ignore_value
 
     @property
     def foreground_labels(self) -> dict[str, int | tuple[int, ...]]:
         """Labels (or regions) to learn: everything but background and ignore."""
-        return {k: v for k, v in self.labels.items() if k not in ("background", "ignore")}
+        return self.label_info.classes
 
     @property
     def label_values(self) -> set[int]:
         """Every voxel value a label file may contain."""
-        return label_values_of(self.labels)
+        return declared_values(self.labels)
 
     def to_dict(self) -> dict:
         out = dict(self.extra)
@@ -172,16 +174,23 @@ def parse_dataset_json(data: object, source: str = DATASET_JSON) -> tuple[Datase
         plain = [v for k, v in labels.items() if isinstance(v, int) and k != "ignore"]
         if len(plain) != len(set(plain)):
             bad(f'"labels" values must be unique, found {sorted(plain)}')
+        if isinstance(labels.get("ignore"), tuple):  # its voxels are left out: one value, not a region
+            bad(f'label "ignore" must be a single value, found {list(labels["ignore"])}')
+            del labels["ignore"]
 
     regions_order = data.get("regions_class_order")
-    has_regions = any(isinstance(v, tuple) for v in labels.values())
+    try:
+        info: LabelInfo | None = LabelInfo.from_labels(labels) if labels else None
+    except LabelError:  # nothing to learn: the problem with "background" is reported above
+        info = None
+    has_regions = info is not None and info.is_regions
     regions_class_order: tuple[int, ...] | None = None
     if regions_order is not None:
         if not isinstance(regions_order, list) or not all(_is_int(v) for v in regions_order):
             bad(f'"regions_class_order" must be a list of integers, found {regions_order!r}')
         else:
             regions_class_order = tuple(regions_order)
-            n_regions = len([k for k in labels if k not in ("background", "ignore")])
+            n_regions = info.num_outputs if info is not None else 0
             if has_regions and len(regions_class_order) != n_regions:
                 bad(f'"regions_class_order" has {len(regions_class_order)} entries but there are '
                     f"{n_regions} regions")
@@ -241,8 +250,6 @@ def load_dataset_json(path: str | os.PathLike) -> DatasetJson:
 
 def write_dataset_json(dataset: DatasetJson | dict, folder: str | os.PathLike) -> Path:
     """Write ``dataset.json`` into ``folder`` atomically."""
-    from autoseg.utils import atomic_write_json
-
     data = dataset.to_dict() if isinstance(dataset, DatasetJson) else dataset
     return atomic_write_json(Path(folder) / DATASET_JSON, data)
 

@@ -77,18 +77,19 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.constants import DEFAULT_FILE_ENDING, DEFAULT_TOLERANCE_MM
+from autoseg.dataset import load_dataset_json
 from autoseg.errors import AutosegError
+from autoseg.io import read_image
+from autoseg.labels import LabelValue, label_mask, select_labels
+from autoseg.utils import atomic_write_text
 
 
 class EvaluationError(AutosegError, ValueError):
     """The folders or files to evaluate do not fit together; the message names the file."""
 
 
-LabelValue = int | Sequence[int]
 MetricValue = float | None
 Row = dict[str, Any]
-
-BACKGROUND_VALUE = 0
 
 METRIC_NAMES: tuple[str, ...] = (
     "dice",
@@ -379,53 +380,7 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(box)
 
 
-# --- label maps: labels, regions, ignore ------------------------------------------------------------
-
-
-def label_mask(label_map: np.ndarray, value: LabelValue) -> np.ndarray:
-    """Boolean mask of one label (``value`` an int) or one region (the union of a list of values)."""
-    if isinstance(value, (int, np.integer)):
-        return label_map == value
-    return np.isin(label_map, np.asarray(list(value)))
-
-
-def select_labels(
-    labels: Mapping[str, LabelValue],
-    include_background: bool = False,
-    ignore_label: int | None = None,
-) -> dict[str, int | list[int]]:
-    """Check ``labels`` and keep those to evaluate.
-
-    Drops the entry named ``ignore`` and, unless ``include_background``, the background (value 0).
-    Raises ``ValueError`` for malformed values or a label that contains the ignore value (its
-    voxels would be excluded from its own evaluation).
-    """
-    selected: dict[str, int | list[int]] = {}
-    for name, value in labels.items():
-        if name == "ignore":
-            continue
-        normalized = _normalize_label_value(name, value)
-        if not include_background and normalized in (BACKGROUND_VALUE, [BACKGROUND_VALUE]):
-            continue
-        values = normalized if isinstance(normalized, list) else [normalized]
-        if ignore_label is not None and ignore_label in values:
-            raise ValueError(f"label {name!r} = {value!r} contains the ignore value {ignore_label}")
-        selected[str(name)] = normalized
-    if not selected:
-        raise ValueError(f"no label left to evaluate from {dict(labels)!r} "
-                         f"(include_background={include_background}, ignore_label={ignore_label})")
-    return selected
-
-
-def _normalize_label_value(name: str, value: object) -> int | list[int]:
-    def is_int(v: object) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    if is_int(value):
-        return int(value)  # type: ignore[arg-type]
-    if isinstance(value, (list, tuple)) and value and all(is_int(v) for v in value):
-        return [int(v) for v in value]
-    raise ValueError(f"label {name!r} must be an integer or a non-empty list of integers, got {value!r}")
+# --- one case ---------------------------------------------------------------------------------------
 
 
 def evaluate_case(
@@ -556,7 +511,6 @@ def evaluate_folders(
 
     dataset = None
     if dataset_json is not None:
-        from autoseg.dataset import load_dataset_json  # lazy: the metric core needs no dataset code
 
         dataset = load_dataset_json(dataset_json)
         if ignore_label is None:
@@ -623,7 +577,6 @@ def _labels_from_references(ref_paths: list[Path], ignore_label: int | None) -> 
 
 
 def _read_label_image(path: Path):
-    from autoseg.io import read_image  # lazy: the metric core needs no image I/O
 
     return read_image(path)
 
@@ -697,7 +650,6 @@ def write_results(
     out_csv: str | os.PathLike | None = None,
 ) -> None:
     """Write the JSON document and/or the per-case CSV, each atomically (temporary file, then rename)."""
-    from autoseg.utils import atomic_write_text  # lazy: the metric core stays dependency-free
 
     if out_json is not None:
         # allow_nan=False: NaN/Infinity are not JSON; undefined values must already be None.

@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field, PositiveInt, TypeAdapter
 from pydantic.dataclasses import dataclass
 
 from autoseg.errors import AutosegError
+from autoseg.labels import LabelInfo
 from autoseg.utils import atomic_write_json, read_model_file, sha256_of_json, validate_model
 
 # 2: the cascade is its own configuration (3d_cascade_fullres) instead of a flag on 3d_fullres
@@ -334,6 +335,4 @@ def configuration_hash(plan: Plan, name: str) -> str:
 def cascade_input_channels(labels: dict[str, int | tuple[int, ...]]) -> int:
     """One-hot channels a cascade stage takes from its previous stage: one per foreground class
     (every label but background and ignore) or, for region labels, one per region."""
-    from autoseg.cascade import previous_stage_values
-
-    return len(previous_stage_values(labels))
+    return len(LabelInfo.from_labels(labels).cascade_values)

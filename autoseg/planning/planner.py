@@ -317,9 +317,7 @@ def _as_dataset_json(dataset_json: DatasetJson | dict | str | os.PathLike) -> Da
 
 def num_output_classes(dataset: DatasetJson) -> int:
     """Network outputs: label values incl. background (the ``ignore`` label excluded), or regions."""
-    if dataset.has_regions:
-        return len(dataset.foreground_labels)
-    return len([k for k in dataset.labels if k != "ignore"])
+    return dataset.label_info.num_outputs
 
 
 def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str | os.PathLike,
