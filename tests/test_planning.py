@@ -29,6 +29,7 @@ from autoseg.planning import (
     plan_dataset,
     verify_memory,
 )
+from autoseg.planning.heuristics import MAX_CLASS_WEIGHT, OVERSAMPLE_FOREGROUND, cross_entropy_class_weights
 
 
 @pytest.fixture(scope="module")
@@ -380,3 +381,22 @@ def test_verify_memory_on_cuda(examples):
 def test_plan_file_round_trips(examples, tmp_path: Path):
     plan = plan_for(examples, "mri")
     assert load_plan(save_plan(plan, tmp_path / "plan.json")) == plan
+
+
+def test_rare_classes_get_cross_entropy_weight_and_foreground_oversampling(examples):
+    _, fingerprint, _ = examples["ct"]
+    plan = plan_for(examples, "ct")
+    voxels = [fingerprint.classes[v].voxels for v in (0, 1, 2, 3)]  # background, liver, kidney, lesion
+    expected = [round(min(MAX_CLASS_WEIGHT, (max(voxels) / v) ** 0.5), 3) for v in voxels]
+    for configuration in plan.configurations.values():
+        schedule = configuration.schedule
+        assert schedule.loss_options == {"ce_class_weights": expected}
+        assert schedule.oversample_foreground == OVERSAMPLE_FOREGROUND > 0.33
+    assert expected[0] == 1.0 and expected[1] < expected[2] < expected[3]  # the rarer, the heavier
+    mri = plan_for(examples, "mri")  # regions: each output has its own binary cross-entropy
+    assert all("ce_class_weights" not in c.schedule.loss_options for c in mri.configurations.values())
+
+
+def test_cross_entropy_class_weights_are_capped_and_skip_absent_classes():
+    assert cross_entropy_class_weights([10 ** 8, 10 ** 8, 1, 0]) == (1.0, 1.0, MAX_CLASS_WEIGHT, 1.0)
+    assert cross_entropy_class_weights([400, 100]) == (1.0, 2.0)

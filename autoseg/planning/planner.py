@@ -51,11 +51,14 @@ from autoseg.planning.heuristics import (
     LOWRES_MIN_SHRINK,
     LOWRES_SPACING_STEP,
     LOWRES_THRESHOLD,
+    MAX_CLASS_WEIGHT,
     MAX_DATASET_FRACTION,
     MAX_FEATURES,
     MIN_BATCH,
     MIN_EDGE,
+    OVERSAMPLE_FOREGROUND,
     PRESETS,
+    RARE_CLASS_EXPONENT,
     REFERENCE_BATCH,
     REFERENCE_ELEMENTS,
     REFERENCE_GB,
@@ -65,6 +68,7 @@ from autoseg.planning.heuristics import (
     PoolConvProps,
     augmentation_options,
     build_topology,
+    cross_entropy_class_weights,
     deep_supervision_weights,
     epochs_for_time_budget,
     estimate_memory_bytes,
@@ -95,6 +99,7 @@ class _Context:
     num_cases: int
     normalization: tuple[ChannelNormalization, ...]
     ct_priors: tuple[IntensityWindow, ...]
+    ce_class_weights: tuple[float, ...] | None = None
     base_features: int = BASE_FEATURES
     max_features: tuple[int, int] = (MAX_FEATURES[2], MAX_FEATURES[3])
     decisions: list[Decision] = field(default_factory=list)
@@ -172,8 +177,10 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     # the low-resolution search plans many throw-away configurations: skip their estimate
     estimated_gb, memory_reason = (0.0, "") if quiet else _estimated_gb(ctx, dim, topology, fit)
     schedule_aug, aug_reason = augmentation_options(patch)
+    loss_options = {"ce_class_weights": list(ctx.ce_class_weights)} if ctx.ce_class_weights else {}
     schedule = Schedule(deep_supervision_weights=deep_supervision_weights(topology.num_stages),
-                        mirror_axes=tuple(range(dim)), augmentation_options=schedule_aug)
+                        mirror_axes=tuple(range(dim)), augmentation_options=schedule_aug,
+                        oversample_foreground=OVERSAMPLE_FOREGROUND, loss_options=loss_options)
     anisotropic = max(spacing3[-dim:]) / min(spacing3[-dim:]) > ANISOTROPY_THRESHOLD
     configuration = Configuration(
         name=name, spacing=spacing3, patch_size=patch, batch_size=fit.batch_size,
@@ -320,6 +327,24 @@ def num_output_classes(dataset: DatasetJson) -> int:
     return dataset.label_info.num_outputs
 
 
+def _plan_class_weights(ctx: _Context, fingerprint: Fingerprint, dataset: DatasetJson) -> None:
+    """Cross-entropy weights from the fingerprint's voxels per output (softmax outputs only)."""
+    labels = dataset.label_info
+    ctx.note("dataset", "oversample_foreground", OVERSAMPLE_FOREGROUND,
+             "share of each batch centred on a foreground voxel (nnU-Net: 0.33): small structures are seen "
+             "from the first iterations")
+    if labels.is_regions:
+        ctx.note("dataset", "ce_class_weights", "none", "region outputs: each has its own binary cross-entropy")
+        return
+    voxels = [sum(fingerprint.classes[v].voxels for v in values if v in fingerprint.classes)
+              for values in labels.values]
+    ctx.ce_class_weights = cross_entropy_class_weights(voxels)
+    ctx.note("dataset", "ce_class_weights", ctx.ce_class_weights,
+             f"(most frequent / class voxels) ** {RARE_CLASS_EXPONENT}, at most {MAX_CLASS_WEIGHT:g}, from "
+             f"{', '.join(f'{n} {v}' for n, v in zip(labels.names, voxels))} voxels: rare classes get "
+             "cross-entropy gradient from the first iteration")
+
+
 def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str | os.PathLike,
               gpu_memory_gb: float | None = None, configurations: Sequence[str] | None = None,
               arch: str = "unet", preset: str | None = None, ct_priors: bool = False,
@@ -390,6 +415,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
         if sized_for is not None and sized_for != gpu_memory_gb else ""))
     ctx.note("dataset", "num_classes", ctx.num_classes,
              "regions (sigmoid outputs)" if dataset.has_regions else "label values incl. background (softmax)")
+    _plan_class_weights(ctx, fingerprint, dataset)
     for normalization, reason in zip(normalizations, norm_reasons):
         ctx.note("dataset", f"normalization[{normalization.channel}]", normalization.scheme, reason)
     if ct_priors:
