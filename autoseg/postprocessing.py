@@ -1,295 +1,91 @@
-"""Post-processing decided by cross-validation: largest connected components and a light CRF.
-
-Two refinements, each switched on only where the cross-validation predictions show that it helps:
-
-* **Largest connected component** (:func:`largest_component`, full connectivity): first for all
-  foreground at once (every foreground voxel outside the largest foreground component becomes
-  background), then per class (or per region): the voxels of the class outside its largest
-  component become background (0), as nnU-Net does.
-* **Mean-field refinement** (:func:`crf_refine`), a dependency-free stand-in for the dense CRF of
-  the literature: a few iterations of ``Q = softmax(log P + w_s * S(Q) + w_b * B(Q))`` where
-  ``S`` is a Gaussian smoothing of the current estimate (a Potts model's message passing, the
-  voxel's own contribution excluded) and ``B`` an intensity-aware smoothing approximated with a
-  few intensity bins (a coarse bilateral grid). Off by default; it works on probability maps, so
-  it can be evaluated only when the validation probabilities exist (see below).
+"""Post-processing decided by cross-validation: which steps of :mod:`autoseg.postprocessing_steps` help.
 
 :func:`find_postprocessing` (``autoseg find-postprocessing WORK -c CONFIG``) reads, per fold, the
 trainer's validation predictions ``models/<config>/fold_k/validation/<case>.npy`` (label values in
 preprocessed space) and the references ``preprocessed/<config>/<case>_seg.npy``, tries each step
-on top of the steps already accepted and keeps a step only when the mean Dice over classes
-strictly rises and no class' mean Dice drops by more than ``tolerance``. The decision is written
-to ``models/<config>/postprocessing.json``; ``autoseg predict`` applies it.
+(the mean-field refinement, the largest component of all foreground, then of each class) on top of
+the steps already accepted and keeps a step only when the mean Dice over classes strictly rises and
+no class' mean Dice drops by more than ``tolerance``. The decision
+(:class:`~autoseg.postprocessing_steps.PostprocessingDecision`) is written to
+``models/<config>/postprocessing.json``; ``autoseg predict`` applies it.
 
 The CRF step is evaluated only when every validation case also has
 ``validation/<case>_probabilities.npy`` (float ``(K, Z, Y, X)``, the network's softmax or sigmoid
 outputs). The trainer does not write them; ``find_postprocessing(..., compute_probabilities=True)``
-predicts them with each fold's checkpoint (sliding window, as at inference). When probabilities
-are used, every step is judged on the labels derived from them, so the baseline and the refined
-predictions come from the same predictor.
+predicts them with each fold's checkpoint
+(:func:`autoseg.inference.predict_validation_probabilities`, sliding window as at inference). When
+probabilities are used, every step is judged on the labels derived from them, so the baseline and
+the refined predictions come from the same predictor.
 
 Dice per class and case: ``2 |P & R| / (|P| + |R|)``, 1 when both are empty (so removing a
 spurious component from a case without that class counts as the improvement it is), voxels of the
 ``ignore`` label left out, reference ``-1`` (outside the non-zero region) counted as background.
+
+The steps themselves, the decision's type and its file live in :mod:`autoseg.postprocessing_steps`
+(inference imports that module, and this one imports inference); their names are importable from
+here too.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
 from tqdm.auto import tqdm
 
-from autoseg.errors import AutosegError
-from autoseg.plan import Plan, load_plan
-from autoseg.utils import atomic_write_json, read_json
+from autoseg.inference import predict_validation_probabilities
+from autoseg.labels import LabelInfo, LabelValue, label_mask, probabilities_to_label_map
+from autoseg.plan import load_plan
+from autoseg.postprocessing_steps import (
+    DEFAULT_TOLERANCE,
+    POSTPROCESSING_FILE,
+    PROBABILITIES_SUFFIX,
+    CrfDecision,
+    CrfParams,
+    PostprocessingDecision,
+    PostprocessingError,
+    StepResult,
+    apply_postprocessing,
+    crf_refine,
+    decision_from_dict,
+    decision_to_dict,
+    gaussian_smooth,
+    keep_largest_component,
+    largest_component,
+    load_postprocessing,
+    save_postprocessing,
+)
 from autoseg.workdir import VALIDATION_DIR, WorkDir
 
-POSTPROCESSING_FILE = "postprocessing.json"
-PROBABILITIES_SUFFIX = "_probabilities"
-DECISION_FORMAT = 1
-DEFAULT_TOLERANCE = 1e-4
-
-LabelValue = int | Sequence[int]
-
-
-class PostprocessingError(AutosegError, ValueError):
-    """A post-processing decision cannot be made or applied (the message names the file)."""
-
-
-# --- connected components ---------------------------------------------------------------------------
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component of a boolean mask (full connectivity: faces, edges, corners).
-
-    An empty mask gives an empty mask; on a tie the component found first (in memory order) wins.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return mask.copy()
-    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
-    components, count = ndimage.label(mask, structure=structure)
-    if count == 1:
-        return mask.copy()
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(np.argmax(sizes))
-
-
-def label_mask(label_map: np.ndarray, value: LabelValue) -> np.ndarray:
-    """Mask of a label value, or of a region (the union of a list of values)."""
-    if isinstance(value, (int, np.integer)):
-        return label_map == int(value)
-    return np.isin(label_map, np.asarray(list(value)))
-
-
-def keep_largest_component(label_map: np.ndarray, value: LabelValue | None = None,
-                           background: int = 0) -> np.ndarray:
-    """Set the voxels of ``value`` (None: all foreground) outside its largest component to background.
-
-    Returns a new array; ``label_map`` is not modified.
-    """
-    out = np.array(label_map, copy=True)
-    mask = out != background if value is None else label_mask(out, value)
-    out[mask & ~largest_component(mask)] = background
-    return out
-
-
-def apply_postprocessing(label_map: np.ndarray, decision: Mapping[str, Any] | None) -> np.ndarray:
-    """Apply the label-map steps of a decision (from :func:`find_postprocessing`).
-
-    ``decision["largest_component_foreground"]`` (bool) first, then every entry of
-    ``decision["largest_component"]`` (``{name: label value or list of values}``) in order. The CRF
-    step works on probabilities and is applied by the caller before the label map is made (see
-    :func:`crf_refine`). None or an empty decision returns a copy of ``label_map``.
-    """
-    out = np.array(label_map, copy=True)
-    if not decision:
-        return out
-    if decision.get("largest_component_foreground"):
-        out = keep_largest_component(out, None)
-    for value in (decision.get("largest_component") or {}).values():
-        out = keep_largest_component(out, value if isinstance(value, int) else tuple(value))
-    return out
-
-
-# --- mean-field refinement ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CrfParams:
-    """Settings of :func:`crf_refine` (lengths in voxels of the finest axis).
-
-    Attributes:
-        iterations: mean-field updates.
-        spatial_sigma: width of the smoothness kernel.
-        spatial_weight: strength of the smoothness term (in units of log-probability).
-        bilateral_sigma: width of the intensity-aware kernel.
-        bilateral_weight: its strength; 0 switches it off.
-        intensity_sigma: intensity difference (in the normalized image's units) at which two voxels
-            stop counting as alike.
-        bins: intensity bins of the bilateral approximation.
-    """
-
-    iterations: int = 5
-    spatial_sigma: float = 1.0
-    spatial_weight: float = 3.0
-    bilateral_sigma: float = 3.0
-    bilateral_weight: float = 2.0
-    intensity_sigma: float = 0.5
-    bins: int = 6
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> CrfParams:
-        known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
-        return cls(**{k: v for k, v in (data or {}).items() if k in known})
-
-
-def _gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def gaussian_smooth(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(K, *spatial)`` along each spatial axis (edges replicated).
-
-    A sigma of 0 (or below 0.1) leaves that axis alone.
-    """
-    out = volume
-    spatial = volume.ndim - 1
-    if len(sigmas) != spatial:
-        raise ValueError(f"{len(sigmas)} sigmas for {spatial} spatial axes")
-    for axis, sigma in enumerate(sigmas):
-        if sigma < 0.1:
-            continue
-        kernel = _gaussian_kernel(float(sigma), volume.device)
-        radius = (kernel.numel() - 1) // 2
-        moved = out.movedim(axis + 1, -1)
-        shape = moved.shape
-        rows = moved.reshape(-1, 1, shape[-1])
-        rows = F.pad(rows, (radius, radius), mode="replicate")
-        rows = F.conv1d(rows, kernel.view(1, 1, -1))
-        out = rows.reshape(shape).movedim(-1, axis + 1)
-    return out
-
-
-def _self_weight(sigmas: Sequence[float], device: torch.device) -> float:
-    """The centre weight of the separable kernel: a voxel's own share of its smoothed value."""
-    weight = 1.0
-    for sigma in sigmas:
-        if sigma >= 0.1:
-            kernel = _gaussian_kernel(float(sigma), device)
-            weight *= float(kernel[(kernel.numel() - 1) // 2])
-    return weight
-
-
-def _axis_sigmas(sigma: float, spacing: Sequence[float] | None, spatial: int,
-                 in_plane_only: bool) -> list[float]:
-    spacing = list(spacing) if spacing is not None else [1.0] * spatial
-    finest = min(spacing)
-    sigmas = [sigma * finest / s for s in spacing]
-    if in_plane_only:
-        sigmas[0] = 0.0
-    return sigmas
-
-
-def _bin_weights(intensity: torch.Tensor, params: CrfParams) -> list[torch.Tensor]:
-    """Per intensity bin, each voxel's membership (a partition of unity over the bins)."""
-    flat = intensity.reshape(-1)
-    if flat.numel() > 1_000_000:  # quantiles of a subsample: exact enough and bounded in cost
-        flat = flat[:: flat.numel() // 1_000_000 + 1]
-    low, high = torch.quantile(flat.float(), torch.tensor([0.01, 0.99], device=flat.device)).tolist()
-    centres = torch.linspace(low, high, max(2, params.bins)).tolist()
-    raw = [torch.exp(-0.5 * ((intensity - c) / params.intensity_sigma) ** 2) for c in centres]
-    total = torch.stack(raw).sum(0).clamp_min(1e-12)
-    return [w / total for w in raw]
-
-
-@torch.no_grad()
-def crf_refine(probabilities: torch.Tensor | np.ndarray, image: torch.Tensor | np.ndarray | None = None,
-               activation: Literal["softmax", "sigmoid"] = "softmax", params: CrfParams | None = None,
-               spacing: Sequence[float] | None = None, in_plane_only: bool = False) -> torch.Tensor:
-    """Mean-field refinement of probability maps ``(K, *spatial)`` (see the module docstring).
-
-    Args:
-        probabilities: softmax outputs (channels sum to one) or independent sigmoid outputs.
-        image: the (normalized) image ``(C, *spatial)`` or ``(*spatial)``; its first channel drives
-            the intensity-aware term. None: smoothness term only.
-        activation: ``softmax`` (Potts model over the classes) or ``sigmoid`` (one binary model
-            per channel).
-        params: the settings; default :class:`CrfParams`.
-        spacing: voxel spacing per spatial axis, so kernels are round in millimetres.
-        in_plane_only: never smooth along axis 0 (a 2D configuration's stack of slices).
-
-    Returns:
-        refined probabilities, float32, on the input's device (a tensor).
-    """
-    params = params or CrfParams()
-    probs = torch.as_tensor(probabilities).float()
-    spatial = probs.ndim - 1
-    eps = 1e-6
-    spatial_sigmas = _axis_sigmas(params.spatial_sigma, spacing, spatial, in_plane_only)
-    bilateral_sigmas = _axis_sigmas(params.bilateral_sigma, spacing, spatial, in_plane_only)
-    self_spatial = _self_weight(spatial_sigmas, probs.device)
-    self_bilateral = _self_weight(bilateral_sigmas, probs.device)
-    bins: list[torch.Tensor] = []
-    if image is not None and params.bilateral_weight > 0:
-        if isinstance(image, np.ndarray) and not image.flags.writeable:
-            image = np.array(image)  # a read-only memory map: torch wants its own copy
-        intensity = torch.as_tensor(image).to(probs.device).float()
-        if intensity.ndim == spatial + 1:
-            intensity = intensity[0]
-        if intensity.shape != probs.shape[1:]:
-            raise ValueError(f"image of spatial shape {tuple(intensity.shape)} does not match the "
-                             f"probabilities' {tuple(probs.shape[1:])}")
-        bins = _bin_weights(intensity, params)
-
-    def messages(q: torch.Tensor) -> torch.Tensor:
-        """Kernel-weighted agreement of the neighbours with each label (own voxel excluded)."""
-        total = params.spatial_weight * (gaussian_smooth(q, spatial_sigmas) - self_spatial * q)
-        if bins:
-            bilateral = torch.zeros_like(q)
-            for weight in bins:
-                bilateral += weight * gaussian_smooth(weight * q, bilateral_sigmas)
-            own = sum(weight * weight for weight in bins) * self_bilateral * q
-            total = total + params.bilateral_weight * (bilateral - own)
-        return total
-
-    if activation == "softmax":
-        unary = torch.log(probs.clamp_min(eps))
-        q = probs
-        for _ in range(params.iterations):
-            q = torch.softmax(unary + messages(q), dim=0)
-        return q
-    if activation == "sigmoid":
-        p = probs.clamp(eps, 1 - eps)
-        unary = torch.log(p) - torch.log1p(-p)
-        q = probs
-        for _ in range(params.iterations):
-            # Binary Potts per channel: agreement with "inside" minus agreement with "outside".
-            inside = messages(q)
-            outside = messages(1 - q)
-            q = torch.sigmoid(unary + inside - outside)
-        return q
-    raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-
-
-# --- Dice and the decision ------------------------------------------------------------------------------
+__all__ = [
+    "POSTPROCESSING_FILE",
+    "PROBABILITIES_SUFFIX",
+    "CrfDecision",
+    "CrfParams",
+    "PostprocessingDecision",
+    "PostprocessingError",
+    "StepResult",
+    "apply_postprocessing",
+    "class_dice",
+    "crf_refine",
+    "decision_from_dict",
+    "decision_to_dict",
+    "dice",
+    "find_postprocessing",
+    "gaussian_smooth",
+    "keep_largest_component",
+    "label_mask",
+    "largest_component",
+    "load_postprocessing",
+    "probabilities_to_label_map",
+    "save_postprocessing",
+]
 
 
 def dice(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None) -> float:
@@ -310,12 +106,6 @@ def class_dice(pred: np.ndarray, ref: np.ndarray, classes: Mapping[str, LabelVal
     ref = np.where(ref < 0, 0, ref)
     valid = None if ignore_value is None else ref != ignore_value
     return {name: dice(label_mask(pred, value), label_mask(ref, value), valid) for name, value in classes.items()}
-
-
-def scored_classes(plan: Plan) -> dict[str, LabelValue]:
-    """The classes (or regions) that Dice is computed for: every label but background and ignore."""
-    return {name: (value if isinstance(value, int) else tuple(value)) for name, value in plan.labels.items()
-            if name not in ("background", "ignore")}
 
 
 @dataclass
@@ -393,7 +183,7 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
                         folds: Sequence[int | str] | None = None, tolerance: float = DEFAULT_TOLERANCE,
                         crf: bool = True, crf_params: CrfParams | None = None,
                         compute_probabilities: bool = False, device: str = "cpu",
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True) -> PostprocessingDecision:
     """Decide from the cross-validation predictions which post-processing steps help.
 
     Args:
@@ -411,9 +201,9 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
 
     Returns:
         The decision, also written to ``models/<configuration>/postprocessing.json``:
-        ``largest_component_foreground`` (bool), ``largest_component`` (``{name: value}``),
-        ``crf`` (``{"enabled", "evaluated", "params", ...}``), the mean Dice per class before and
-        after, and one entry per step tried in ``steps``.
+        ``largest_component_foreground``, ``largest_component`` (``{name: value}``), ``crf``
+        (enabled, evaluated, params, ...), the mean Dice per class before and after, and one
+        :class:`StepResult` per step tried in ``steps``.
 
     Raises:
         PostprocessingError: no validation predictions, or a missing or unreadable file (named).
@@ -426,29 +216,21 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
         raise PostprocessingError(f"{work.models(configuration)}: no fold has validation predictions; "
                                   "train at least one cross-validation fold first")
     if compute_probabilities:
-        from autoseg.inference import predict_validation_probabilities
-
         for fold in fold_names:
             predict_validation_probabilities(work.root, configuration, fold, device=device, progress=progress)
     cases = _validation_cases(work, configuration, fold_names, config.data_name)
     if not cases:
         raise PostprocessingError(f"no validation predictions in folds {fold_names} of "
                                   f"{work.models(configuration)}")
-    classes = scored_classes(plan)
-    ignore = plan.labels.get("ignore")
-    ignore_value = ignore if isinstance(ignore, int) else None
-    is_regions = any(not isinstance(v, int) for k, v in plan.labels.items() if k != "ignore")
-    activation: Literal["softmax", "sigmoid"] = "sigmoid" if is_regions else "softmax"
+    label_info = LabelInfo.of(plan)
+    classes = label_info.classes
+    ignore_value = label_info.ignore_value
+    activation = label_info.activation
     use_probabilities = all(c.probabilities is not None for c in cases)
     params = crf_params or CrfParams()
     if crf and not use_probabilities:
         warnings.warn("CRF refinement not evaluated: validation probabilities are missing (pass "
                       "compute_probabilities=True to predict them)", stacklevel=2)
-
-    from autoseg.training.labels import LabelInfo
-
-    label_info = LabelInfo.from_labels(plan.labels)
-    order = plan.regions_class_order
 
     def reference_of(case: _ValidationCase) -> np.ndarray:
         return np.load(case.reference, mmap_mode="r", allow_pickle=False)
@@ -475,12 +257,12 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
                 if tuple(probs.shape[1:]) != reference.shape:
                     raise PostprocessingError(f"{case.probabilities}: shape {tuple(probs.shape)} does not match the "
                                               f"reference {case.reference} {reference.shape}")
-                prediction = probabilities_to_label_map(probs, label_info.values, activation, order)
+                prediction = label_info.decode(probs)
                 if evaluate_crf:
                     image = np.load(case.image, mmap_mode="r", allow_pickle=False) if case.image else None
                     better = crf_refine(probs.to(device), None if image is None else image[:1],
                                         activation, params, config.spacing, in_plane_only=config.dim == 2)
-                    refined = probabilities_to_label_map(better, label_info.values, activation, order)
+                    refined = label_info.decode(better)
                     refined_rows.append(class_dice(refined, reference, classes, ignore_value))
                     np.save(current_path(case, "_crf"), refined)
                 del probs
@@ -492,15 +274,16 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
             baseline_rows.append(class_dice(prediction, reference, classes, ignore_value))
             np.save(current_path(case), prediction)
 
-        steps: list[dict[str, Any]] = []
+        steps: list[StepResult] = []
         current_score = score(baseline_rows)
         initial_score = dict(current_score)
-        crf_decision: dict[str, Any] = {"enabled": False, "evaluated": evaluate_crf, "params": params.to_dict()}
+        crf_decision = CrfDecision(enabled=False, evaluated=evaluate_crf, params=params)
         if evaluate_crf:
             candidate = score(refined_rows)
             accepted = _accept(current_score, candidate, tolerance)
             steps.append(_step("crf", current_score, candidate, accepted))
-            crf_decision.update(enabled=accepted, dice_before=current_score, dice_after=candidate)
+            crf_decision = CrfDecision(enabled=accepted, evaluated=True, params=params,
+                                       dice_before=current_score, dice_after=candidate)
             if accepted:
                 current_score = candidate
                 for case in cases:
@@ -522,99 +305,34 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
             return accepted
 
         foreground = try_step("largest_component_foreground", None)
-        kept: dict[str, int | list[int]] = {}
+        kept: dict[str, int | tuple[int, ...]] = {}
         for name, value in classes.items():
             if try_step(f"largest_component:{name}", value):
-                kept[name] = value if isinstance(value, int) else list(value)
+                kept[name] = value
 
-    decision: dict[str, Any] = {
-        "format": DECISION_FORMAT,
-        "configuration": configuration,
-        "folds": fold_names,
-        "num_cases": len(cases),
-        "source": "validation probabilities" if use_probabilities else "validation label predictions",
-        "largest_component_foreground": foreground,
-        "largest_component": kept,
-        "crf": crf_decision,
-        "tolerance": tolerance,
-        "dice_before": initial_score,
-        "dice_after": current_score,
-        "mean_dice_before": _overall(initial_score),
-        "mean_dice_after": _overall(current_score),
-        "steps": steps,
-        "rule": "a step is kept when the mean Dice over classes strictly rises and no class' mean Dice "
-                "drops by more than the tolerance; steps are tried in order, each on top of the kept ones",
-    }
-    atomic_write_json(work.models(configuration) / POSTPROCESSING_FILE, decision)
+    decision = PostprocessingDecision(
+        configuration=configuration,
+        folds=tuple(fold_names),
+        num_cases=len(cases),
+        source="validation probabilities" if use_probabilities else "validation label predictions",
+        largest_component_foreground=foreground,
+        largest_component=kept,
+        crf=crf_decision,
+        tolerance=tolerance,
+        dice_before=initial_score,
+        dice_after=current_score,
+        mean_dice_before=_overall(initial_score),
+        mean_dice_after=_overall(current_score),
+        steps=tuple(steps),
+        rule="a step is kept when the mean Dice over classes strictly rises and no class' mean Dice "
+             "drops by more than the tolerance; steps are tried in order, each on top of the kept ones",
+    )
+    save_postprocessing(decision, work.models(configuration) / POSTPROCESSING_FILE)
     return decision
 
 
-def _step(name: str, before: Mapping[str, float], after: Mapping[str, float], accepted: bool) -> dict[str, Any]:
-    return {"step": name, "accepted": accepted, "mean_dice_before": _overall(before),
-            "mean_dice_after": _overall(after), "dice_before": dict(before), "dice_after": dict(after)}
+def _step(name: str, before: Mapping[str, float], after: Mapping[str, float], accepted: bool) -> StepResult:
+    return StepResult(step=name, accepted=accepted, mean_dice_before=_overall(before),
+                      mean_dice_after=_overall(after), dice_before=dict(before), dice_after=dict(after))
 
 
-def load_postprocessing(path: str | os.PathLike) -> dict[str, Any] | None:
-    """Read a decision file (or ``<folder>/postprocessing.json``); None when there is none."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / POSTPROCESSING_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = read_json(path)
-    except ValueError as error:
-        raise PostprocessingError(str(error)) from None
-    if not isinstance(data, dict):
-        raise PostprocessingError(f"{path}: must be a JSON object")
-    for value in (data.get("largest_component") or {}).values():
-        if not (isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) for v in value))):
-            raise PostprocessingError(f"{path}: \"largest_component\" values must be label values or lists "
-                                      f"of them, found {value!r}")
-    return data
-
-
-# --- probabilities to labels (shared with inference) ---------------------------------------------------
-
-
-def probabilities_to_label_map(probabilities: torch.Tensor, values: Sequence[Sequence[int]],
-                               activation: Literal["softmax", "sigmoid"],
-                               regions_class_order: Sequence[int] | None = None) -> np.ndarray:
-    """``(K, *spatial)`` probabilities to a label map of raw label values.
-
-    Softmax: the value of the most probable channel (``values[k][0]`` for channel ``k``). Sigmoid
-    (regions): every region above 0.5 paints its ``regions_class_order`` value, in region order,
-    so later (inner) regions overwrite earlier (outer) ones, as nnU-Net does.
-    """
-    if activation == "sigmoid":
-        if regions_class_order is None or len(regions_class_order) != probabilities.shape[0]:
-            raise ValueError(f"region outputs need regions_class_order with {probabilities.shape[0]} entries, "
-                             f"got {regions_class_order}")
-        largest = max(regions_class_order)
-        dtype = torch.uint8 if largest < 256 else torch.int32
-        labels = torch.zeros(probabilities.shape[1:], dtype=dtype, device=probabilities.device)
-        for channel, value in enumerate(regions_class_order):
-            labels[probabilities[channel] > 0.5] = int(value)
-    else:
-        lookup_values = [v[0] for v in values]
-        dtype = torch.uint8 if max(lookup_values) < 256 else torch.int32
-        lookup = torch.tensor(lookup_values, dtype=dtype, device=probabilities.device)
-        labels = lookup[probabilities.argmax(0)]
-    return labels.cpu().numpy()
-
-
-__all__ = [
-    "CrfParams",
-    "PostprocessingError",
-    "apply_postprocessing",
-    "class_dice",
-    "crf_refine",
-    "dice",
-    "find_postprocessing",
-    "gaussian_smooth",
-    "keep_largest_component",
-    "label_mask",
-    "largest_component",
-    "load_postprocessing",
-    "probabilities_to_label_map",
-]

@@ -36,8 +36,9 @@ are resampled to the finer median spacing. The price buys reading a random patch
 The manifest records both sizes per case and their ratio (``stored_to_raw``);
 ``tests/benchmarks/bench_resampling.py --dataset`` measures them.
 
-:func:`restore_to_original` is the exact inverse for predictions: un-resample to the cropped shape,
-un-crop, un-orient, back to the array as read (a 2D case comes back 2D).
+:func:`restore_to_original` (:mod:`autoseg.restore`, importable from here) is the exact inverse for
+predictions: un-resample to the cropped shape, un-crop, un-orient, back to the array as read (a 2D
+case comes back 2D).
 
 :func:`preprocess_dataset` runs over all training cases in parallel (joblib, one case per task, so
 memory is about one case per worker), resumable: files are written under temporary names and
@@ -55,7 +56,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -88,8 +89,10 @@ from autoseg.resampling import (
     label_values,
     resample_image,
     resample_label,
-    resample_probabilities,
 )
+
+# restore_to_original: the inverse, imported from here by its callers
+from autoseg.restore import box_slices, restore_to_original  # noqa: F401
 from autoseg.utils import atomic_write, atomic_write_json, atomic_write_text, read_json
 from autoseg.workdir import WorkDir
 
@@ -165,10 +168,6 @@ def bounding_box(mask: np.ndarray) -> list[list[int]]:
             return [[0, s] for s in mask.shape]
         box.append([int(hits[0]), int(hits[-1]) + 1])
     return box
-
-
-def _box_slices(box: Sequence[Sequence[int]]) -> tuple[slice, ...]:
-    return tuple(slice(int(a), int(b)) for a, b in box)
 
 
 def target_spacing_for(configuration: Configuration, spacing: Sequence[float],
@@ -328,7 +327,7 @@ def preprocess_case(case: CaseData, plan: Plan, configuration: str | Configurati
     spacing = canonical_spacing(case.spacing, transform)
     mask = nonzero_mask(image)
     box = bounding_box(mask)
-    crop = _box_slices(box)
+    crop = box_slices(box)
     image = image[(slice(None), *crop)]
     mask = mask[crop]
     if case.label is not None:
@@ -389,81 +388,6 @@ def preprocess_case(case: CaseData, plan: Plan, configuration: str | Configurati
         exclude = [ignore] if isinstance(ignore, int) else []
         properties["class_locations"] = class_locations(seg, exclude, seed=_case_seed(case.case_id))
     return PreprocessedCase(out, seg if case.label is not None else None, properties)
-
-
-# --- the inverse ----------------------------------------------------------------------------------
-
-
-def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["label", "probabilities"],
-                        fill: float | Sequence[float] | None = None, order: int | None = None,
-                        device: str | torch.device = "cpu") -> np.ndarray:
-    """Map a label or probabilities in preprocessed space back to the original array.
-
-    Un-resamples to the cropped shape (same slow-axis treatment as the forward pass), un-crops
-    and un-orients, giving the array as it was read: ``(Z, Y, X)`` / ``(K, Z, Y, X)``, or
-    ``(Y, X)`` / ``(K, Y, X)`` for a 2D case, ready for :func:`autoseg.io.write_like`.
-
-    Args:
-        array: label ``(Z, Y, X)`` (integers; negative values, the "outside the non-zero region"
-            marker, become 0) or probabilities/logits ``(K, Z, Y, X)``.
-        properties: the case's sidecar (from :func:`preprocess_case` or ``<case>.json``).
-        kind: ``"label"`` or ``"probabilities"``.
-        fill: value outside the crop box. Default: label 0; probabilities background (channel 0)
-            1 and others 0, as for softmax outputs. Give 0 for region (sigmoid) outputs, or one
-            value per channel.
-        order: interpolation order; default for labels the plan's ``label_order`` (per-class
-            linear: the forward path mirrored, which restores upsampled cases exactly; 0 is a plain
-            nearest-neighbour lookup), for probabilities linear (1).
-        device: torch device for the resampling.
-    """
-    shape_resampled = tuple(properties["shape_after_resampling"])
-    crop_shape = tuple(properties["shape_after_crop"])
-    full_shape = tuple(properties["shape_canonical"])
-    options = properties["resampling"]
-    common = {"new_shape": crop_shape, "slow_axis": options["slow_axis"],
-              "separate_slow_axis": options["slow_axis"] is not None,
-              "slow_axis_order": options["slow_axis_order"], "device": device}
-    spacing_from = properties["spacing_after_resampling"]
-    spacing_to = properties["spacing_canonical"]
-    crop = _box_slices(properties["crop_bbox"])
-    transform = properties["orientation"]
-    # The result is allocated in the original orientation and filled through its canonical view,
-    # so un-orienting costs no copy.
-    original_shape = [0, 0, 0]
-    for canonical_axis, original_axis in enumerate(transform["axes"]):
-        original_shape[original_axis] = int(full_shape[canonical_axis])
-    if kind == "label":
-        if array.shape != shape_resampled:
-            raise ValueError(f"case {properties['case_id']}: label of shape {array.shape}, expected the "
-                             f"preprocessed shape {shape_resampled}")
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"case {properties['case_id']}: a label must be integers, got {array.dtype}")
-        if array.size and array.min() < 0:
-            array = np.maximum(array, 0)
-        order = options["label_order"] if order is None else order
-        restored = resample_label(array, spacing_from, spacing_to, order=order, **common)
-        out = np.full(original_shape, 0 if fill is None else fill, dtype=restored.dtype)
-        to_canonical(out, transform)[crop] = restored
-        del restored
-    elif kind == "probabilities":
-        if array.ndim != 4 or array.shape[1:] != shape_resampled:
-            raise ValueError(f"case {properties['case_id']}: probabilities of shape {array.shape}, "
-                             f"expected (K, *{shape_resampled})")
-        channels = array.shape[0]
-        if fill is None:
-            fill_values = np.zeros(channels, dtype=np.float32)
-            fill_values[0] = 1.0
-        else:
-            fill_values = np.broadcast_to(np.asarray(fill, dtype=np.float32), (channels,))
-        out = np.empty((channels, *original_shape), dtype=np.float32)
-        out[...] = fill_values[:, None, None, None]
-        resample_probabilities(array, spacing_from, spacing_to, order=1 if order is None else order,
-                               out=to_canonical(out, transform)[(slice(None), *crop)], **common)
-    else:
-        raise ValueError(f"kind must be 'label' or 'probabilities', got {kind!r}")
-    if properties.get("is_2d"):
-        out = out[..., 0, :, :]
-    return out
 
 
 # --- storage --------------------------------------------------------------------------------------

@@ -13,15 +13,18 @@ from test_inference import case_image, expected_labels, make_model, threshold_ne
 
 from autoseg.postprocessing import (
     CrfParams,
+    PostprocessingDecision,
     PostprocessingError,
     apply_postprocessing,
     class_dice,
     crf_refine,
+    decision_to_dict,
     dice,
     find_postprocessing,
     keep_largest_component,
     largest_component,
     load_postprocessing,
+    save_postprocessing,
 )
 
 # --- components -----------------------------------------------------------------------------------------
@@ -72,9 +75,10 @@ def test_apply_postprocessing_follows_the_decision() -> None:
     labels[3, 0, 9] = 2
     none = apply_postprocessing(labels, None)
     np.testing.assert_array_equal(none, labels)
-    per_class = apply_postprocessing(labels, {"largest_component_foreground": False, "largest_component": {"a": 1}})
+    per_class = apply_postprocessing(labels, PostprocessingDecision(largest_component_foreground=False,
+                                                                    largest_component={"a": 1}))
     assert per_class[3, 8, 8] == 0 and per_class[3, 0, 9] == 2
-    both = apply_postprocessing(labels, {"largest_component": {"a": 1, "b": [2]}})
+    both = apply_postprocessing(labels, PostprocessingDecision(largest_component={"a": 1, "b": [2]}))
     assert both[3, 8, 8] == 0 and both[3, 0, 9] == 0 and np.count_nonzero(both == 2) == 12
 
 
@@ -136,28 +140,58 @@ def test_largest_component_is_kept_only_where_it_improved_dice(tmp_path: Path) -
     with pytest.warns(UserWarning, match="probabilities are missing"):
         decision = find_postprocessing(work, "3d_fullres", progress=False)
     # Foreground-wide removal would delete the lesions (not part of the largest component): rejected.
-    assert decision["largest_component_foreground"] is False
+    assert decision.largest_component_foreground is False
     # Liver: its stray blob goes. Lesion: two true blocks in most cases, so keeping one hurts.
-    assert decision["largest_component"] == {"liver": 1}
-    assert decision["folds"] == ["0", "1"] and decision["num_cases"] == 3
-    assert decision["dice_after"]["liver"] > decision["dice_before"]["liver"]
-    assert decision["dice_after"]["liver"] == pytest.approx(1.0)
-    assert decision["dice_after"]["lesion"] == decision["dice_before"]["lesion"] == pytest.approx(1.0)
-    assert [s["accepted"] for s in decision["steps"]] == [False, True, False]
-    assert decision["crf"]["evaluated"] is False and decision["crf"]["enabled"] is False
+    assert decision.largest_component == {"liver": 1}
+    assert decision.folds == ("0", "1") and decision.num_cases == 3
+    assert decision.dice_after["liver"] > decision.dice_before["liver"]
+    assert decision.dice_after["liver"] == pytest.approx(1.0)
+    assert decision.dice_after["lesion"] == decision.dice_before["lesion"] == pytest.approx(1.0)
+    assert [s.accepted for s in decision.steps] == [False, True, False]
+    assert decision.crf.evaluated is False and decision.crf.enabled is False
     stored = load_postprocessing(work / "models" / "3d_fullres")
-    assert stored == json.loads(json.dumps(decision))
+    assert stored == decision
     for case_id, prediction in predictions.items():
         fixed = apply_postprocessing(prediction, stored)
         np.testing.assert_array_equal(fixed, np.maximum(reference_case(case_id != "c2"), 0))
+
+
+# A decision as find_postprocessing wrote it before the decision was typed: it must load unchanged.
+EARLIER_DECISION = {
+    "format": 1, "configuration": "3d_fullres", "folds": ["0", "1"], "num_cases": 3,
+    "source": "validation label predictions", "largest_component_foreground": False,
+    "largest_component": {"liver": 1, "tumour": [2, 3]},
+    "crf": {"enabled": False, "evaluated": False, "params": {"iterations": 5, "spatial_sigma": 1.0,
+            "spatial_weight": 3.0, "bilateral_sigma": 3.0, "bilateral_weight": 2.0, "intensity_sigma": 0.5,
+            "bins": 6}},
+    "tolerance": 0.0001, "dice_before": {"liver": 0.9}, "dice_after": {"liver": 0.95},
+    "mean_dice_before": 0.9, "mean_dice_after": 0.95,
+    "steps": [{"step": "largest_component:liver", "accepted": True, "mean_dice_before": 0.9,
+               "mean_dice_after": 0.95, "dice_before": {"liver": 0.9}, "dice_after": {"liver": 0.95}}],
+    "rule": "a step is kept when ...",
+}
+
+
+def test_decision_files_keep_their_format(tmp_path: Path) -> None:
+    path = tmp_path / "postprocessing.json"
+    path.write_text(json.dumps(EARLIER_DECISION))
+    decision = load_postprocessing(path)
+    assert decision is not None and decision.largest_component == {"liver": 1, "tumour": (2, 3)}
+    assert decision_to_dict(decision) == EARLIER_DECISION
+    save_postprocessing(decision, tmp_path)
+    assert json.loads(path.read_text()) == EARLIER_DECISION
+    assert load_postprocessing(tmp_path / "missing.json") is None
+    path.write_text(json.dumps({"largest_component": {"liver": "1"}}))
+    with pytest.raises(PostprocessingError, match=r"(?s)postprocessing.json is not a valid .*largest_component.liver"):
+        load_postprocessing(path)
 
 
 def test_nothing_is_kept_when_nothing_helps(tmp_path: Path) -> None:
     perfect = np.maximum(reference_case(), 0)
     work = make_work(tmp_path, {"0": {"c0": perfect, "c1": perfect.copy()}})
     decision = find_postprocessing(work, "3d_fullres", crf=False, progress=False)
-    assert decision["largest_component_foreground"] is False and decision["largest_component"] == {}
-    assert decision["mean_dice_after"] == decision["mean_dice_before"] == pytest.approx(1.0)
+    assert decision.largest_component_foreground is False and decision.largest_component == {}
+    assert decision.mean_dice_after == decision.mean_dice_before == pytest.approx(1.0)
 
 
 def test_missing_inputs_are_named(tmp_path: Path) -> None:
@@ -238,9 +272,9 @@ def test_crf_is_switched_on_where_it_helps(tmp_path: Path) -> None:
         probabilities, truth = noisy_probabilities(seed=index)
         write_probabilities(work, "0", f"c{index}", _as_three_classes(probabilities), truth)
     decision = find_postprocessing(work, "3d_fullres", crf_params=CrfParams(bilateral_weight=0.0), progress=False)
-    assert decision["source"] == "validation probabilities"
-    assert decision["crf"]["evaluated"] and decision["crf"]["enabled"]
-    assert decision["crf"]["dice_after"]["liver"] > decision["crf"]["dice_before"]["liver"] + 0.02
+    assert decision.source == "validation probabilities"
+    assert decision.crf.evaluated and decision.crf.enabled
+    assert decision.crf.dice_after["liver"] > decision.crf.dice_before["liver"] + 0.02
 
 
 def test_crf_stays_off_where_it_would_lower_dice(tmp_path: Path) -> None:
@@ -254,8 +288,8 @@ def test_crf_stays_off_where_it_would_lower_dice(tmp_path: Path) -> None:
     refined = crf_refine(_as_three_classes(probabilities), None, "softmax", CrfParams(bilateral_weight=0.0))
     assert dice(refined.argmax(0).numpy() == 1, truth == 1) < 0.9  # the step would hurt ...
     decision = find_postprocessing(work, "3d_fullres", crf_params=CrfParams(bilateral_weight=0.0), progress=False)
-    assert decision["crf"]["evaluated"] and not decision["crf"]["enabled"]  # ... so it is not taken
-    assert decision["mean_dice_after"] >= decision["mean_dice_before"]
+    assert decision.crf.evaluated and not decision.crf.enabled  # ... so it is not taken
+    assert decision.mean_dice_after >= decision.mean_dice_before
 
 
 def test_validation_probabilities_can_be_computed_from_the_folds(tmp_path: Path) -> None:
@@ -272,5 +306,5 @@ def test_validation_probabilities_can_be_computed_from_the_folds(tmp_path: Path)
     stored = np.load(folder / "c0_probabilities.npy")
     assert stored.shape == (3, *image.shape) and stored.dtype == np.float16
     np.testing.assert_array_equal(stored.argmax(0), expected_labels(image))
-    assert decision["source"] == "validation probabilities"
-    assert decision["mean_dice_before"] == pytest.approx(1.0)
+    assert decision.source == "validation probabilities"
+    assert decision.mean_dice_before == pytest.approx(1.0)

@@ -195,7 +195,7 @@ def test_cascade_trains_end_to_end_on_real_previous_stage_folds(tmp_path: Path) 
     train(work, "3d_cascade_fullres", 1, overrides=TrainOverrides(epochs=2), resume=True, **FAST)
     # the post-processing decision re-predicts the validation cases with the same cascade inputs
     decision = find_postprocessing(work, "3d_cascade_fullres", compute_probabilities=True, progress=False)
-    assert decision["folds"] == ["1"]
+    assert decision.folds == ("1",)
     probabilities = np.load(fold_dir / "validation" / f"{summary['cases'][0]}_probabilities.npy")
     assert probabilities.shape == (2, 24, 24, 24)
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from autoseg.cascade import one_hot, previous_stage_values, to_stage_grid
+from autoseg.cascade import one_hot, to_stage_grid
+from autoseg.labels import LabelInfo
 from autoseg.plan import Configuration, Plan, configuration_hash
 from autoseg.training.data import PreprocessedDataset
 from autoseg.training.errors import TrainingError
@@ -45,7 +46,7 @@ class PreviousStage:
     @classmethod
     def of(cls, work: WorkDir, plan: Plan, configuration: str) -> PreviousStage:
         """The stored inputs of a cascade configuration (written by :func:`prepare_previous_stage`)."""
-        return cls(work.previous_stage(configuration), previous_stage_values(plan.labels))
+        return cls(work.previous_stage(configuration), LabelInfo.of(plan).cascade_values)
 
     def load(self, case_id: str) -> np.ndarray:
         """The memory-mapped label map ``(Z, Y, X)`` of a case on this configuration's grid."""

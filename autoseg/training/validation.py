@@ -7,13 +7,15 @@ and ``validation/summary.json`` holds Dice, IoU, HD95 (and the other metrics of
 :mod:`autoseg.evaluation`) per case and class, with their summary over cases.
 
 Prediction is what ``autoseg predict`` does in preprocessed space: the sliding window of
-:func:`autoseg.inference.sliding_window_predict` (Gaussian-weighted tiles overlapping by half) with
-mirroring along the axes the network was trained to be mirrored along, using the weights at the
-end of training (as nnU-Net validates with its final checkpoint).
+:func:`autoseg.sliding_window.sliding_window_predict` (Gaussian-weighted tiles overlapping by half)
+with mirroring along the axes the network was trained to be mirrored along
+(:func:`trained_mirror_axes`, which inference uses too), using the weights at the end of training
+(as nnU-Net validates with its final checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,12 +27,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autoseg import evaluation
-from autoseg.plan import Configuration
+from autoseg.labels import LabelInfo
+from autoseg.plan import Configuration, Schedule
+from autoseg.sliding_window import sliding_window_predict
+from autoseg.training.augment import augmentation_settings
 from autoseg.training.data import PreprocessedDataset, PreviousStageInput
-from autoseg.training.labels import LabelInfo
 from autoseg.utils import atomic_write, atomic_write_json
 
 STEP = 0.5  # tile spacing as a fraction of the patch, autoseg predict's default
+
+
+def trained_mirror_axes(configuration: Configuration, schedule: Schedule | None = None) -> tuple[int, ...]:
+    """The axes a network was trained to be mirrored along (none when its augmentation never mirrors)."""
+    schedule = schedule or configuration.schedule
+    axes: Sequence[int] = schedule.mirror_axes
+    try:
+        settings = augmentation_settings(schedule.augmentation, dict(schedule.augmentation_options))
+        if settings.p_mirror == 0:
+            return ()
+        if settings.mirror_axes is not None:
+            axes = settings.mirror_axes
+    except ValueError:
+        pass  # an unknown preset: the schedule's axes are the best information there is
+    return tuple(sorted({int(a) for a in axes if 0 <= int(a) < configuration.dim}))
 
 
 def predict_and_score(network: nn.Module, configuration: Configuration, dataset: PreprocessedDataset,
@@ -40,12 +59,11 @@ def predict_and_score(network: nn.Module, configuration: Configuration, dataset:
     """Predict ``case_ids`` as ``autoseg predict`` would and write ``output_dir/<case>.npy`` (label values).
 
     A cascade stage gets ``previous_stage``: its stored predictions become the extra input channels.
+    ``regions_class_order`` (the plan's) is needed for region labels when ``label_info`` lacks it.
     """
-    from autoseg.inference import sliding_window_predict, trained_mirror_axes
-    from autoseg.postprocessing import probabilities_to_label_map
-
+    if regions_class_order is not None:
+        label_info = dataclasses.replace(label_info, regions_class_order=tuple(regions_class_order))
     output_dir = Path(output_dir)
-    activation = "sigmoid" if label_info.is_regions else "softmax"
     mirror_axes = trained_mirror_axes(configuration)
     network.eval()
     for case_id in tqdm(case_ids, desc="validation cases", disable=not progress, leave=False):
@@ -57,9 +75,9 @@ def predict_and_score(network: nn.Module, configuration: Configuration, dataset:
         with torch.no_grad():
             probabilities = sliding_window_predict(
                 network, image, configuration.patch_size, step=STEP,
-                tta_axes=mirror_axes, device=device, output_channels=label_info.num_outputs, activation=activation)
-        prediction = probabilities_to_label_map(probabilities, label_info.values, activation, regions_class_order)
-        prediction = prediction.astype(np.int16)
+                tta_axes=mirror_axes, device=device, output_channels=label_info.num_outputs,
+                activation=label_info.activation)
+        prediction = label_info.decode(probabilities).astype(np.int16)
         atomic_write(output_dir / f"{case_id}.npy", lambda tmp, p=prediction: np.save(tmp, p))
 
 
