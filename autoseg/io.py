@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError
+from autoseg.nifti_bytes import nifti_truncation
 
 SITK_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 NATURAL_2D_ENDINGS = (".png", ".bmp")
@@ -164,8 +165,6 @@ def _read_sitk(path: Path) -> Image:
     import SimpleITK as sitk
 
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        from autoseg.nifti_bytes import nifti_truncation
-
         # ITK fills the missing voxels of a truncated NIfTI with zeros instead of failing.
         problem = nifti_truncation(path)
         if problem:

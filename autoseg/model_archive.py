@@ -21,6 +21,7 @@ interrupted import leaves nothing half-written under the destination's name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from autoseg.errors import AutosegError
+from autoseg.plan import PlanError, load_plan
 from autoseg.utils import atomic_write, read_json
 
 MANIFEST = "autoseg_model.json"
@@ -59,8 +61,6 @@ def _trained_folds(configuration_dir: Path) -> list[Path]:
 
 def _previous_stage(work: Path, configuration: str) -> str | None:
     """The previous stage a cascade configuration needs at inference, else None."""
-    from autoseg.plan import PlanError, load_plan
-
     try:
         return load_plan(work).configuration(configuration).previous_stage
     except PlanError:
@@ -123,8 +123,6 @@ def export_model(work_dir: str | os.PathLike, out_zip: str | os.PathLike,
     }
 
     def write(tmp: Path) -> None:
-        import json
-
         with zipfile.ZipFile(tmp, "w") as archive:
             archive.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n", compress_type=zipfile.ZIP_DEFLATED)
             for member in files:

@@ -65,6 +65,7 @@ from autoseg.precision import (
     resolve_precision,
 )
 from autoseg.training import monitor
+from autoseg.training.augment import build_augmentation
 from autoseg.training.budget import TimeBudget, approximate_tiles, format_duration, sliding_window_seconds
 from autoseg.training.checkpoint import (
     CHECKPOINT_BEST,
@@ -517,8 +518,6 @@ def _streams(run: _Run, workers: int) -> tuple[BatchStream, BatchStream]:
 
 
 def _augmentation(configuration: Configuration) -> Any:
-    from autoseg.training.augment import build_augmentation
-
     try:
         return build_augmentation(configuration)
     except ValueError as error:
