@@ -109,18 +109,30 @@ def _mirror_combinations(dims: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
 
 
+def _forward(network: nn.Module, batch: torch.Tensor, activation: Activation, precision: Precision) -> torch.Tensor:
+    with autocast(batch.device, precision):
+        output = network(batch)
+    if isinstance(output, (list, tuple)):  # deep supervision left on: the full resolution comes first
+        output = output[0]
+    return _activate(output.float(), activation)
+
+
 def _forward_tta(network: nn.Module, batch: torch.Tensor, mirror_dims: Sequence[int], activation: Activation,
-                 precision: Precision) -> torch.Tensor:
-    """Mean activated output over every mirrored copy of ``batch``, each flipped back."""
+                 precision: Precision, together: bool = False) -> torch.Tensor:
+    """Mean activated output over every mirrored copy of ``batch``, each flipped back.
+
+    ``together`` runs all mirrored copies as one batch (one forward pass instead of up to 8: a GPU
+    runs a larger batch at nearly the cost of a small one); otherwise one forward per copy.
+    """
     combos = _mirror_combinations(mirror_dims)
+    if together and len(combos) > 1:
+        stacked = torch.cat([torch.flip(batch, dims) if dims else batch for dims in combos])
+        outputs = _forward(network, stacked, activation, precision).split(batch.shape[0])
+    else:
+        outputs = [_forward(network, torch.flip(batch, dims) if dims else batch, activation, precision)
+                   for dims in combos]
     total: torch.Tensor | None = None
-    for dims in combos:
-        flipped = torch.flip(batch, dims) if dims else batch
-        with autocast(batch.device, precision):
-            output = network(flipped)
-        if isinstance(output, (list, tuple)):  # deep supervision left on: the full resolution comes first
-            output = output[0]
-        output = _activate(output.float(), activation)
+    for dims, output in zip(combos, outputs):
         if dims:
             output = torch.flip(output, dims)
         # Out of place: an identity-like network may hand back its (reused) input.
@@ -162,6 +174,7 @@ def sliding_window_predict(
     accumulate_device: str | torch.device | None = None,
     progress: bool = False,
     precision: Precision | None = None,
+    mirror_batch: bool | None = None,
 ) -> torch.Tensor:
     """Probabilities of a whole image from overlapping, Gaussian-weighted tiles.
 
@@ -187,6 +200,10 @@ def sliding_window_predict(
         precision: autocast precision of the forward passes (:mod:`autoseg.precision`); None:
             the device's best (``resolve_precision("auto", device)``). Probabilities are always
             summed in ``accumulate_dtype``.
+        mirror_batch: run a tile batch's mirrored copies as one forward pass; None: on CUDA (where
+            a batch that does not fit in memory falls back to one pass per copy), not on the CPU,
+            where a larger batch costs more per tile (1.14 s against 0.90 s per tile measured on 2
+            cores for the 24x96x96 network).
 
     Returns:
         ``(K, *spatial)`` of the image's spatial shape, dtype ``accumulate_dtype``, on the
@@ -230,6 +247,7 @@ def sliding_window_predict(
         batch_size = max(1, _TILE_BATCH_VOXELS // math.prod(patch))
     gaussian = gaussian_importance_map(patch, device=device)
     precision = resolve_precision("auto", device) if precision is None else precision
+    together = device.type == "cuda" if mirror_batch is None else mirror_batch
 
     accumulator: torch.Tensor | None = None
     weights: torch.Tensor | None = None
@@ -243,7 +261,14 @@ def sliding_window_predict(
             batch = batch.to(device, dtype=torch.float32, non_blocking=True)
             if net_dim == 2:
                 batch = batch[:, :, 0]
-            probabilities = _forward_tta(network, batch, mirror_dims, activation, precision)
+            try:
+                probabilities = _forward_tta(network, batch, mirror_dims, activation, precision, together)
+            except torch.cuda.OutOfMemoryError:
+                if not together:
+                    raise
+                together = False  # for the rest of the image too: the next batch would not fit either
+                torch.cuda.empty_cache()
+                probabilities = _forward_tta(network, batch, mirror_dims, activation, precision)
             if tuple(probabilities.shape[2:]) != patch:
                 raise ValueError(f"the network turned a {patch} tile into {tuple(probabilities.shape[2:])}")
             if accumulator is None:

@@ -12,7 +12,7 @@ from test_training_support import cube_cases, make_work, tiny_plan
 
 import autoseg.precision as precision
 from autoseg.errors import AutosegError
-from autoseg.inference import sliding_window_predict
+from autoseg.sliding_window import sliding_window_predict
 from autoseg.precision import (
     PrecisionError,
     autocast,
@@ -116,3 +116,41 @@ def test_training_records_its_precision_and_refuses_what_the_device_cannot_do(tm
     assert state["precision"] == "fp32" and state["grad_scaler"] is None
     with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
         train(work, "3d_fullres", 1, workers=0, progress=False, num_threads=1, precision="fp16")
+
+
+class _CountingNetwork(torch.nn.Module):
+    """A non-symmetric network that counts its forward passes and can run out of memory on demand."""
+
+    def __init__(self, max_batch: int | None = None) -> None:
+        super().__init__()
+        self.inner = _tiny_network(seed=3)
+        self.calls = 0
+        self.max_batch = max_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner(x)
+
+
+def test_mirrored_copies_in_one_forward_equal_one_forward_each() -> None:
+    image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 2, 20, 20)).astype(np.float32))
+    separate, together = _CountingNetwork(), _CountingNetwork()
+    one = sliding_window_predict(separate, image, (16, 16), tta_axes=(0, 1), mirror_batch=False, precision="fp32")
+    all_ = sliding_window_predict(together, image, (16, 16), tta_axes=(0, 1), mirror_batch=True, precision="fp32")
+    assert torch.allclose(one, all_, atol=1e-6)
+    assert separate.calls == 4 * together.calls  # 4 mirror combinations of a 2D tile batch
+
+
+def test_mirrored_batch_that_does_not_fit_falls_back_to_one_forward_each() -> None:
+    image = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 3, 20, 20)).astype(np.float32))
+    reference = sliding_window_predict(_CountingNetwork(), image, (16, 16), tta_axes=(0, 1), mirror_batch=False,
+                                       precision="fp32", batch_size=2)
+    tight = _CountingNetwork(max_batch=2)
+    result = sliding_window_predict(tight, image, (16, 16), tta_axes=(0, 1), mirror_batch=True, precision="fp32",
+                                    batch_size=2)
+    assert torch.allclose(reference, result, atol=1e-6)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # no mirrored batch to give up: the error stands
+        sliding_window_predict(_CountingNetwork(max_batch=1), image, (16, 16), tta_axes=(0, 1),
+                               mirror_batch=False, precision="fp32", batch_size=2)
