@@ -33,6 +33,24 @@ repeats so that a change of machine load does not favour one side):
    (start-up and model loading included, as a user sees it).
 7. **Dice**: both frameworks' predictions are scored by ``autoseg.evaluation`` against the same
    references (mean over foreground labels and cases).
+8. **time to Dice** (``--phases time_to_dice``; not in the default run, it trains each side for the
+   whole budget): how good a model each framework gives after the same wall-clock training budget
+   (``--time-budget-minutes``, default 20), each with its own default plan and schedule, in its own
+   folder (``time_to_dice/``). autoseg plans ``3d_fullres`` with ``--preset cpu`` on the CPU (its plan
+   for machines without a GPU; no preset on CUDA) and trains with ``autoseg train --time-budget``.
+   nnU-Net plans ``3d_fullres`` with its defaults and trains with its default schedule (250
+   iterations per epoch, poly LR) driven step by step; nnU-Net has no time budget, so the clock is
+   read before every iteration and the run stops at the budget, and its ``num_epochs`` (for which
+   the poly LR is computed) is fixed after the first epoch from that epoch's median seconds per
+   iteration, rounded up: epoch 0 runs at the initial LR whatever ``num_epochs`` is, so this is as
+   if it had been known from the start, nnU-Net trains for the whole budget, and its last LR step
+   begins within it (rounding down would leave up to an epoch of the budget unused). Its
+   validation iterations are skipped (with fold ``all`` they score training cases for its log only
+   and never change the weights), which gives it more of the budget. Both train fold ``all`` on the
+   training cases, with the same torch threads (every usable core) and data-loading processes,
+   predict the held-out test cases (``imagesTs``) from their last checkpoint with their default
+   mirroring TTA, and are scored by ``autoseg.evaluation``: mean test Dice over the foreground
+   classes and per class. Target: autoseg at least nnU-Net + 0.10, every class at least 0.5.
 
 Every phase is guarded: a failure is recorded with its error and the remaining phases still run
 where they can. The table of autoseg/nnU-Net ratios is printed and everything is written as JSON.
@@ -65,7 +83,13 @@ from autoseg.bench.measure import (  # noqa: E402
     training_figures,
 )
 from autoseg.bench.stages import run_stage  # noqa: E402
+from autoseg.evaluation import evaluate_folders  # noqa: E402
+from autoseg.plan import load_plan  # noqa: E402
+from autoseg.precision import usable_cores  # noqa: E402
+from autoseg.training.loop import LOG_FILE  # noqa: E402
+from autoseg.training.monitor import read_log  # noqa: E402
 from autoseg.utils import atomic_write_json, read_json  # noqa: E402
+from autoseg.workdir import WorkDir  # noqa: E402
 
 DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_AutosegBench"
@@ -74,32 +98,41 @@ NNUNET_TRAINER = "nnUNetTrainer"
 NNUNET_PLANS = "nnUNetPlans"
 
 # nnU-Net's trainer, driven one step at a time so that data wait and network time are measured
-# apart. Executed by the nnU-Net environment's Python with a JSON file of parameters.
+# apart. Executed by the nnU-Net environment's Python with a JSON file of parameters: a fixed number
+# of epochs and iterations (the training phase), or its own schedule within ``budget_seconds`` of
+# wall time (the time-to-Dice phase; see phase_time_to_dice).
 NNUNET_TRAIN_SCRIPT = r'''
-import json, os, sys, time
+import json, math, os, statistics, sys, time
 import numpy as np
 import torch
 from nnunetv2.run.run_training import get_trainer_from_args
 
 params = json.load(open(sys.argv[1]))
+started = time.perf_counter()  # a time budget counts from here, set-up included (as autoseg's does)
+budget = params.get("budget_seconds")
 device = torch.device(params["device"])
-# What nnUNetv2_train does: every core on the CPU, one thread per GPU process.
-torch.set_num_threads(os.cpu_count() if device.type == "cpu" else 1)
+# What nnUNetv2_train does: every core on the CPU (or the cores given), one thread per GPU process.
+torch.set_num_threads((params.get("threads") or os.cpu_count()) if device.type == "cpu" else 1)
 trainer = get_trainer_from_args(str(params["dataset_id"]), params["configuration"], params["fold"],
                                 params["trainer"], params["plans"], device=device)
-trainer.num_epochs = params["epochs"]          # before initialize(): the poly schedule uses it
-trainer.num_iterations_per_epoch = params["iterations"]
-trainer.num_val_iterations_per_epoch = 0
+if params.get("epochs"):  # before initialize(): the poly schedule uses it
+    trainer.num_epochs = params["epochs"]
+if params.get("iterations"):
+    trainer.num_iterations_per_epoch = params["iterations"]
+trainer.num_val_iterations_per_epoch = 0  # pseudo-Dice for its log only: the weights never see it
 trainer.save_every = 10 ** 9
 trainer.on_train_start()
 if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-log = []
-for epoch in range(trainer.num_epochs):
+log, fitted, out_of_time = [], None, False
+while trainer.current_epoch < trainer.num_epochs and not out_of_time:
     trainer.on_epoch_start()
     trainer.on_train_epoch_start()
-    outputs, data_time, compute_time = [], 0.0, 0.0
+    outputs, steps, data_time, compute_time = [], [], 0.0, 0.0
     for _ in range(trainer.num_iterations_per_epoch):
+        if budget is not None and time.perf_counter() - started >= budget:
+            out_of_time = True  # the clock is read every iteration: at most one step past the budget
+            break
         tick = time.perf_counter()
         batch = next(trainer.dataloader_train)
         loaded = time.perf_counter()
@@ -107,14 +140,31 @@ for epoch in range(trainer.num_epochs):
         done = time.perf_counter()
         data_time += loaded - tick
         compute_time += done - loaded
+        steps.append(done - tick)
+    if not outputs:
+        break
     trainer.on_train_epoch_end(outputs)
-    log.append({"epoch": epoch, "iterations": len(outputs), "data_time": data_time,
-                "compute_time": compute_time, "train_loss": float(np.mean([o["loss"] for o in outputs]))})
-    print(f"epoch {epoch}: {log[-1]}", flush=True)
+    log.append({"epoch": trainer.current_epoch, "iterations": len(outputs), "data_time": data_time,
+                "compute_time": compute_time, "lr": trainer.optimizer.param_groups[0]["lr"],
+                "train_loss": float(np.mean([o["loss"] for o in outputs]))})
+    print(f"epoch {trainer.current_epoch}: {log[-1]}", flush=True)
+    if budget is not None and fitted is None and not out_of_time:
+        # The poly LR is initial_lr * (1 - epoch / num_epochs) ** 0.9, stepped per epoch, so epoch 0
+        # ran at initial_lr whatever num_epochs is: fixing it now is as if it had been known from the
+        # start. Rounded up: the whole budget is trained and the schedule's last step starts within it.
+        per_iteration = statistics.median(steps[1:] or steps)  # the first step carries the warm-up
+        left = budget - (time.perf_counter() - started)
+        trainer.num_epochs = 1 + max(1, math.ceil(left / (per_iteration * trainer.num_iterations_per_epoch)))
+        trainer.lr_scheduler.max_steps = trainer.num_epochs  # set by initialize() from the old num_epochs
+        fitted = {"seconds_per_iteration": per_iteration, "num_epochs": trainer.num_epochs}
+        print(f"budget: {per_iteration:.2f} s per iteration, {left:.0f} s left -> num_epochs {trainer.num_epochs}",
+              flush=True)
     trainer.current_epoch += 1
 trainer.on_train_end()  # writes checkpoint_final.pth and stops the data loader processes
 result = {"log": log, "parameters": int(sum(p.numel() for p in trainer.network.parameters())),
-          "output_folder": trainer.output_folder}
+          "output_folder": trainer.output_folder, "num_epochs": trainer.num_epochs,
+          "iterations_per_epoch": trainer.num_iterations_per_epoch, "budget_fit": fitted,
+          "stopped_by_budget": out_of_time, "seconds": time.perf_counter() - started}
 if device.type == "cuda":
     result["peak_gpu_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 3)
 with open(params["result"], "w") as handle:
@@ -150,14 +200,17 @@ def ensure_nnunet(venv: Path, device: str) -> dict[str, Any]:
         constraints = venv / "constraints.txt"
         constraints.write_text(f"torch=={torch_version}\ntorchvision==0.{minor + 15}.*\n" if major == 2
                                else f"torch=={torch_version}\n")
-        torch_install = pip + ["-c", str(constraints), f"torch=={torch_version}"]
         if device == "cpu" and not torch.cuda.is_available():
-            # The CPU build (as the Makefile installs it): a local wheel when pip is set up with one,
-            # else PyTorch's CPU index; PyPI's Linux torch is the multi-GB CUDA build.
-            if subprocess.run(torch_install + ["--no-index"]).returncode != 0:
-                subprocess.run(torch_install + ["--index-url", "https://download.pytorch.org/whl/cpu"], check=True)
+            # The CPU build (as the Makefile installs it); PyPI's Linux torch is the multi-GB CUDA
+            # build. Its exact version (2.13.0+cpu) is on no index but PyTorch's CPU one, so pip
+            # cannot swap in the CUDA build: first from where pip is set up to find it (a local
+            # wheel in find-links, its dependencies from the usual indexes; --no-index would cut
+            # those off), else from PyTorch's CPU index.
+            exact = pip + ["-c", str(constraints), f"torch=={torch.__version__}"]
+            if subprocess.run(exact).returncode != 0:
+                subprocess.run(exact + ["--index-url", "https://download.pytorch.org/whl/cpu"], check=True)
         else:
-            subprocess.run(torch_install, check=True)
+            subprocess.run(pip + ["-c", str(constraints), f"torch=={torch_version}"], check=True)
         subprocess.run(pip + ["-c", str(constraints), "nnunetv2"], check=True)
     info = subprocess.run([str(venv_python(venv)), "-c",
                            "import importlib.metadata as m, torch; "
@@ -282,28 +335,31 @@ def ordered(repeat: int) -> tuple[str, str]:
     return ("nnunet", "autoseg") if repeat % 2 == 0 else ("autoseg", "nnunet")
 
 
-def phase_plan(run: Run) -> None:
+def plan_side(run: Run, side: str, log: Path, nnunet_options: Sequence[str] = (),
+              autoseg_options: Sequence[str] = ()) -> Measured:
+    """Plan and preprocess ``3d_fullres`` from scratch on one side, into ``run``'s folders."""
     jobs = str(run.args.jobs)
-    memory = ["-gpu_memory_target", str(run.args.gpu_memory_gb)] if run.args.gpu_memory_gb else []
+    if side == "nnunet":
+        shutil.rmtree(run.nnunet_preprocessed, ignore_errors=True)
+        command = [str(run.venv / "bin" / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", CONFIGURATION,
+                   "-npfp", jobs, "-np", jobs, *nnunet_options]
+        return check(run_measured(command, env=run.env(), log_path=log), "nnUNetv2_plan_and_preprocess", log)
+    shutil.rmtree(run.work, ignore_errors=True)
+    cli = f"{sys.executable} -m autoseg.cli"
+    script = (f"{cli} plan {run.dataset} --work {run.work} --configurations {CONFIGURATION} "
+              f"{' '.join(autoseg_options)} -j {jobs} && {cli} preprocess {run.work} -j {jobs}")
+    return check(run_measured(["bash", "-c", script], env=autoseg_env(), log_path=log),
+                 "autoseg plan + preprocess", log)
+
+
+def phase_plan(run: Run) -> None:
+    memory = str(run.args.gpu_memory_gb) if run.args.gpu_memory_gb else None
     figures: dict[str, dict[str, list[float]]] = {"nnunet": {}, "autoseg": {}}
     for repeat in range(run.args.repeats):
         for side in ordered(repeat):
-            if side == "nnunet":
-                shutil.rmtree(run.nnunet_preprocessed, ignore_errors=True)
-                log = run.log(f"nnunet_plan_{repeat}")
-                command = ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION,
-                           "-npfp", jobs, "-np", jobs, *memory]
-                measured = check(run_measured([str(run.venv / "bin" / command[0]), *command[1:]], env=run.env(),
-                                              log_path=log), "nnUNetv2_plan_and_preprocess", log)
-            else:
-                shutil.rmtree(run.work, ignore_errors=True)
-                log = run.log(f"autoseg_plan_{repeat}")
-                cli = f"{sys.executable} -m autoseg.cli"
-                budget = f" --gpu-memory-gb {run.args.gpu_memory_gb}" if run.args.gpu_memory_gb else ""
-                script = (f"{cli} plan {run.dataset} --work {run.work} --configurations {CONFIGURATION}{budget} "
-                          f"-j {jobs} && {cli} preprocess {run.work} -j {jobs}")
-                measured = check(run_measured(["bash", "-c", script], env=autoseg_env(), log_path=log),
-                                 "autoseg plan + preprocess", log)
+            measured = plan_side(run, side, run.log(f"{side}_plan_{repeat}"),
+                                 ["-gpu_memory_target", memory] if memory else [],
+                                 ["--gpu-memory-gb", memory] if memory else [])
             _add(figures[side], "seconds", measured.seconds)
             _add(figures[side], "peak_tree_rss_mb", measured.peak_tree_rss_mb)
             _add(figures[side], "peak_tree_pss_mb", measured.peak_tree_pss_mb)
@@ -329,7 +385,7 @@ def nnunet_plans(run: Run) -> dict[str, Any]:
 def phase_match_network(run: Run) -> None:
     """Give autoseg's plan nnU-Net's patch, batch and U-Net, so training and inference compare alike."""
     from autoseg.networks import build_network
-    from autoseg.plan import load_plan, save_plan
+    from autoseg.plan import save_plan
 
     theirs = nnunet_plans(run)
     arch = theirs["architecture"]
@@ -366,30 +422,35 @@ def phase_match_network(run: Run) -> None:
           f"{ours.batch_size})", flush=True)
 
 
+def train_nnunet(run: Run, log: Path, env: dict[str, str] | None = None, **params: Any) -> tuple[dict[str, Any], Measured]:
+    """Train nnU-Net from scratch, fold ``all``, with NNUNET_TRAIN_SCRIPT and ``params`` (epochs,
+    iterations or budget_seconds, threads); its result (per-epoch log, schedule) and measurement."""
+    shutil.rmtree(run.root / "nnUNet_results", ignore_errors=True)
+    params_path, result_path = run.root / "nnunet_train.params.json", run.root / "nnunet_train.result.json"
+    script = run.root / "nnunet_train.py"
+    script.write_text(NNUNET_TRAIN_SCRIPT)
+    atomic_write_json(params_path, {"dataset_id": DATASET_ID, "configuration": CONFIGURATION, "fold": "all",
+                                    "trainer": NNUNET_TRAINER, "plans": NNUNET_PLANS, "device": run.args.device,
+                                    "result": str(result_path), **params})
+    result_path.unlink(missing_ok=True)
+    measured = check(run_measured([str(venv_python(run.venv)), str(script), str(params_path)],
+                                  env=env or run.env(), log_path=log), "nnU-Net training", log)
+    result = read_json(result_path)
+    assert isinstance(result, dict)
+    return result, measured
+
+
 def _train_once(run: Run, side: str, repeat: int) -> tuple[dict[str, Any], Measured]:
     """Train one side from scratch (the last repeat's model is the one predicted with)."""
     epochs, iterations = run.args.epochs, run.args.iterations
     if side == "nnunet":
-        shutil.rmtree(run.root / "nnUNet_results", ignore_errors=True)
-        params_path, result_path = run.root / "nnunet_train.params.json", run.root / "nnunet_train.result.json"
-        script = run.root / "nnunet_train.py"
-        script.write_text(NNUNET_TRAIN_SCRIPT)
-        atomic_write_json(params_path, {"dataset_id": DATASET_ID, "configuration": CONFIGURATION, "fold": "all",
-                                        "trainer": NNUNET_TRAINER, "plans": NNUNET_PLANS, "epochs": epochs,
-                                        "iterations": iterations, "device": run.args.device,
-                                        "result": str(result_path)})
-        result_path.unlink(missing_ok=True)
-        log = run.log(f"nnunet_train_{repeat}")
-        measured = check(run_measured([str(venv_python(run.venv)), str(script), str(params_path)], env=run.env(),
-                                      log_path=log), "nnU-Net training", log)
-        result = read_json(result_path)
-    else:
-        shutil.rmtree(run.work / "models", ignore_errors=True)
-        folder = run.root / "logs" / f"autoseg_train_{repeat}"
-        folder.mkdir(parents=True, exist_ok=True)
-        result, measured = run_stage("train", {"work": str(run.work), "configuration": CONFIGURATION,
-                                               "device": run.args.device, "repeats": epochs - 1,
-                                               "iterations": iterations, "workers": run.workers}, folder)
+        return train_nnunet(run, run.log(f"nnunet_train_{repeat}"), epochs=epochs, iterations=iterations)
+    shutil.rmtree(run.work / "models", ignore_errors=True)
+    folder = run.root / "logs" / f"autoseg_train_{repeat}"
+    folder.mkdir(parents=True, exist_ok=True)
+    result, measured = run_stage("train", {"work": str(run.work), "configuration": CONFIGURATION,
+                                           "device": run.args.device, "repeats": epochs - 1,
+                                           "iterations": iterations, "workers": run.workers}, folder)
     assert isinstance(result, dict)
     return result, measured
 
@@ -430,6 +491,26 @@ def phase_train(run: Run) -> None:
     run.results["train"] = out
 
 
+def predict_side(run: Run, side: str, target: Path, tta: bool, log: Path) -> Measured:
+    """Predict the test images into ``target`` with one side's model of fold ``all`` (its last checkpoint)."""
+    shutil.rmtree(target, ignore_errors=True)
+    if side == "nnunet":
+        command = [str(run.venv / "bin" / "nnUNetv2_predict"), "-i", str(run.test_images), "-o", str(target),
+                   "-d", str(DATASET_ID), "-c", CONFIGURATION, "-f", "all", "-tr", NNUNET_TRAINER,
+                   "-p", NNUNET_PLANS, "-chk", "checkpoint_final.pth", "-device", run.args.device,
+                   "--disable_progress_bar", *([] if tta else ["--disable_tta"])]
+        measured = check(run_measured(command, env=run.env(), log_path=log), "nnUNetv2_predict", log)
+    else:
+        command = [sys.executable, "-m", "autoseg.cli", "predict", str(run.work), "-i", str(run.test_images),
+                   "-o", str(target), "-c", CONFIGURATION, "-f", "all", "--device", run.args.device,
+                   "--checkpoint", "latest", "--overwrite", *([] if tta else ["--no-tta"])]
+        measured = check(run_measured(command, env=autoseg_env(), log_path=log), "autoseg predict", log)
+    cases, written = count_cases(run.test_images, run.file_ending), count_cases_labels(target, run.file_ending)
+    if written != cases:
+        raise RuntimeError(f"{side} predicted {written} of {cases} cases into {target} (log: {log})")
+    return measured
+
+
 def phase_predict(run: Run) -> None:
     cases = count_cases(run.test_images, run.file_ending)
     if cases == 0:
@@ -439,23 +520,8 @@ def phase_predict(run: Run) -> None:
         for tta in (False, True):
             label = "tta" if tta else "no_tta"
             for side in ordered(repeat):
-                target = run.root / "predictions" / f"{side}_{label}"
-                shutil.rmtree(target, ignore_errors=True)
-                log = run.log(f"{side}_predict_{label}_{repeat}")
-                if side == "nnunet":
-                    command = [str(run.venv / "bin" / "nnUNetv2_predict"), "-i", str(run.test_images), "-o", str(target),
-                               "-d", str(DATASET_ID), "-c", CONFIGURATION, "-f", "all", "-tr", NNUNET_TRAINER,
-                               "-p", NNUNET_PLANS, "-chk", "checkpoint_final.pth", "-device", run.args.device,
-                               "--disable_progress_bar", *([] if tta else ["--disable_tta"])]
-                    measured = check(run_measured(command, env=run.env(), log_path=log), "nnUNetv2_predict", log)
-                else:
-                    command = [sys.executable, "-m", "autoseg.cli", "predict", str(run.work), "-i", str(run.test_images),
-                               "-o", str(target), "-c", CONFIGURATION, "-f", "all", "--device", run.args.device,
-                               "--checkpoint", "latest", "--overwrite", *([] if tta else ["--no-tta"])]
-                    measured = check(run_measured(command, env=autoseg_env(), log_path=log), "autoseg predict", log)
-                written = count_cases_labels(target, run.file_ending)
-                if written != cases:
-                    raise RuntimeError(f"{side} predicted {written} of {cases} cases into {target} (log: {log})")
+                measured = predict_side(run, side, run.root / "predictions" / f"{side}_{label}", tta,
+                                        run.log(f"{side}_predict_{label}_{repeat}"))
                 entry = out.setdefault(side, {}).setdefault(label, {})
                 _add(entry, "seconds_per_case", measured.seconds / cases)
                 _add(entry, "peak_tree_rss_mb", measured.peak_tree_rss_mb)
@@ -472,24 +538,90 @@ def count_cases_labels(folder: Path, file_ending: str) -> int:
     return len([p for p in folder.iterdir() if p.name.endswith(file_ending)]) if folder.is_dir() else 0
 
 
-def phase_dice(run: Run) -> None:
-    from autoseg.evaluation import evaluate_folders
-
+def score(run: Run, folder: Path) -> dict[str, Any]:
+    """Mean Dice over the foreground labels (and per label) of ``folder``'s predictions, by autoseg.evaluation."""
     if run.references is None:
         raise RuntimeError("no reference labels for the test images: nothing to score")
+    result = evaluate_folders(folder, run.references, dataset_json=run.dataset / "dataset.json")
+    per_label = {name: metrics["dice"]["mean"] for name, metrics in result.summary.items()}
+    defined = [v for v in per_label.values() if v is not None]
+    return {"mean_dice": sum(defined) / len(defined) if defined else None, "per_label": per_label}
+
+
+def phase_dice(run: Run) -> None:
     out: dict[str, Any] = {}
     for side in ("nnunet", "autoseg"):
         for label in ("tta", "no_tta"):
             folder = run.root / "predictions" / f"{side}_{label}"
             if not folder.is_dir():
                 continue
-            result = evaluate_folders(folder, run.references, dataset_json=run.dataset / "dataset.json")
-            per_label = {name: metrics["dice"]["mean"] for name, metrics in result.summary.items()}
-            defined = [v for v in per_label.values() if v is not None]
-            out.setdefault(side, {})[label] = {"mean_dice": sum(defined) / len(defined) if defined else None,
-                                               "per_label": per_label}
+            out.setdefault(side, {})[label] = score(run, folder)
             print(f"[dice] {side} {label}: {out[side][label]['mean_dice']}", flush=True)
     run.results["dice"] = out
+
+
+def phase_time_to_dice(run: Run) -> None:
+    """Each side trains on its own default plan within the same wall-clock budget; Dice on held-out cases.
+
+    Everything lives under ``time_to_dice/`` (its own plans, preprocessed data, models), so the
+    other phases' matched network and short schedule are untouched. Both get the same torch threads
+    (every usable core) and data-loading processes. autoseg: ``autoseg train --time-budget``, its
+    own fit of epochs, iterations and learning-rate decay. nnU-Net: its default schedule (250
+    iterations per epoch, poly LR over ``num_epochs``) but ``num_epochs`` fixed after the first
+    epoch from its measured speed, and the run stopped at the budget (see NNUNET_TRAIN_SCRIPT).
+    Both then predict with their defaults (mirroring TTA) from their last checkpoint.
+    """
+    if run.test_images != run.dataset / "imagesTs" or run.references is None:
+        raise RuntimeError("time to Dice needs held-out test cases with references (imagesTs and labelsTs)")
+    budget = run.args.time_budget_minutes * 60
+    sub = dataclasses.replace(run, root=run.root / "time_to_dice")
+    (sub.root / "logs").mkdir(parents=True, exist_ok=True)
+    link_for_nnunet(run.dataset, sub.root)
+    cores = usable_cores()
+    threads = {"OMP_NUM_THREADS": str(cores)}  # read by autoseg's trainer; the same for nnU-Net's
+    preset = ["--preset", "cpu"] if run.args.device == "cpu" else []
+    out: dict[str, Any] = {"budget_minutes": run.args.time_budget_minutes, "threads": cores,
+                           "data_workers": run.workers, "test_cases": count_cases(run.test_images, run.file_ending)}
+    run.results["time_to_dice"] = out  # filled as it goes: what was measured survives a later failure
+    sides = ordered(0)
+    for side in sides:
+        measured = plan_side(sub, side, sub.log(f"{side}_plan"), autoseg_options=preset)
+        out[side] = {"plan_preprocess_seconds": round(measured.seconds, 1)}
+    theirs, ours = nnunet_plans(sub), load_plan(sub.work).configuration(CONFIGURATION)
+    out["nnunet"]["plan"] = {"command": f"nnUNetv2_plan_and_preprocess -c {CONFIGURATION} ({NNUNET_PLANS}, its "
+                                        "defaults)", "patch_size": theirs["patch_size"],
+                             "batch_size": theirs["batch_size"],
+                             "features_per_stage": theirs["architecture"]["arch_kwargs"]["features_per_stage"]}
+    out["autoseg"]["plan"] = {"command": " ".join(["autoseg plan --configurations", CONFIGURATION, *preset]),
+                              "patch_size": list(ours.patch_size), "batch_size": ours.batch_size,
+                              "features_per_stage": list(ours.topology.features_per_stage)}
+    for side in sides:
+        log = sub.log(f"{side}_train")
+        if side == "nnunet":
+            result, measured = train_nnunet(sub, log, {**sub.env(), **threads}, budget_seconds=budget,
+                                            threads=cores)
+            epochs = result["log"]
+            out[side]["schedule"] = {"num_epochs": result["num_epochs"], "budget_fit": result["budget_fit"],
+                                     "iterations_per_epoch": result["iterations_per_epoch"],
+                                     "stopped_by_budget": result["stopped_by_budget"]}
+        else:
+            fold = WorkDir(sub.work).fold(CONFIGURATION, "all")
+            shutil.rmtree(fold, ignore_errors=True)
+            command = [sys.executable, "-m", "autoseg.cli", "train", str(sub.work), "-c", CONFIGURATION, "-f", "all",
+                       "--device", run.args.device, "--workers", str(run.workers), "--time-budget", f"{budget:g}s"]
+            measured = check(run_measured(command, env={**autoseg_env(), **threads}, log_path=log),
+                             "autoseg train --time-budget", log)
+            epochs = read_log(fold / LOG_FILE)
+        out[side].update({"train_wall_seconds": round(measured.seconds, 1), "epochs": len(epochs),
+                          "iterations": sum(e["iterations"] for e in epochs),
+                          "final_lr": epochs[-1]["lr"] if epochs else None})
+        print(f"[time to Dice] {side} trained {out[side]['iterations']} iterations in {len(epochs)} epochs, "
+              f"{measured.seconds:.0f} s (budget {budget:.0f} s)", flush=True)
+    for side in sides:
+        folder = sub.root / "predictions" / side
+        measured = predict_side(sub, side, folder, True, sub.log(f"{side}_predict"))
+        out[side].update(score(sub, folder), predict_seconds=round(measured.seconds, 1))
+        print(f"[time to Dice] {side}: mean test Dice {out[side]['mean_dice']}, {out[side]['per_label']}", flush=True)
 
 
 # --- the table ------------------------------------------------------------------------------------------
@@ -519,6 +651,8 @@ ROWS: list[tuple[str, tuple[str, ...], float | None, bool]] = [
     ("Dice, no TTA", ("dice", "{side}", "no_tta", "mean_dice"), 1.0, False),
 ]
 SHARE_ROW = "train data wait share"
+TIME_TO_DICE_GAIN = 0.10  # autoseg's mean test Dice at least nnU-Net's + this, after the same budget
+TIME_TO_DICE_CLASS_FLOOR = 0.5  # and every foreground class at least this
 
 
 def _lookup(results: dict[str, Any], path: Sequence[str], side: str) -> float | None:
@@ -547,6 +681,30 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"figure": name, "autoseg": ours, "nnunet": theirs, "ratio": value,
                      "target": (f"<= {target}" if at_most else f">= {target}") if target is not None else "",
                      "met": met})
+    return rows + time_to_dice_rows(results)
+
+
+def time_to_dice_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mean test Dice after the budget, then each class: targets on the difference and on autoseg's class Dice."""
+    found = results.get("time_to_dice")
+    if not found or "mean_dice" not in found.get("autoseg", {}) or "mean_dice" not in found.get("nnunet", {}):
+        return []
+    ours, theirs = found["autoseg"], found["nnunet"]
+    after = f"after {found['budget_minutes']:g} min of training"
+
+    def row(figure: str, a: float | None, b: float | None, target: str, met: bool | None) -> dict[str, Any]:
+        return {"figure": figure, "autoseg": a, "nnunet": b, "ratio": ratio(a, b),
+                "difference": None if a is None or b is None else a - b, "target": target, "met": met}
+
+    difference = None if ours["mean_dice"] is None or theirs["mean_dice"] is None else \
+        ours["mean_dice"] - theirs["mean_dice"]
+    rows = [row(f"time to Dice: mean test Dice {after}", ours["mean_dice"], theirs["mean_dice"],
+                f"autoseg - nnU-Net >= +{TIME_TO_DICE_GAIN:.2f}",
+                None if difference is None else difference >= TIME_TO_DICE_GAIN)]
+    for name, dice in ours["per_label"].items():
+        rows.append(row(f"time to Dice: {name} {after}", dice, theirs["per_label"].get(name),
+                        f">= {TIME_TO_DICE_CLASS_FLOOR} (autoseg)",
+                        None if dice is None else dice >= TIME_TO_DICE_CLASS_FLOOR))
     return rows
 
 
@@ -564,7 +722,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (what the README's Performance section shows)."""
     header = ["figure", "autoseg", "nnU-Net", "autoseg/nnU-Net", "target", "met"]
     body = [[r["figure"], _fmt(r["autoseg"], r["figure"] == SHARE_ROW), _fmt(r["nnunet"], r["figure"] == SHARE_ROW),
-             _fmt(r["ratio"]), r["target"], {True: "yes", False: "NO", None: ""}[r["met"]]] for r in rows]
+             _fmt(r["ratio"]) + (f" ({r['difference']:+.3f})" if r.get("difference") is not None else ""),
+             r["target"], {True: "yes", False: "NO", None: ""}[r["met"]]] for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -602,7 +761,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None, help="folder for everything (default: a new temporary "
                                                                  "folder, kept)")
     parser.add_argument("--phases", nargs="+", default=["plan", "train", "predict", "dice"],
-                        choices=["plan", "train", "predict", "dice"])
+                        choices=["plan", "train", "predict", "dice", "time_to_dice"],
+                        help="phases to run (default: all but time_to_dice, which trains each side for "
+                             "--time-budget-minutes; it needs no other phase)")
+    parser.add_argument("--time-budget-minutes", type=float, default=20.0,
+                        help="time_to_dice: wall-clock training budget of each side (default 20)")
     parser.add_argument("-o", "--output", type=Path, default=Path("bench_results_nnunet.json"))
     return parser.parse_args(argv)
 
@@ -646,6 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("train", phase_train, ("plan", "match_network")),
         ("predict", phase_predict, ("train",)),
         ("dice", phase_dice, ("predict",)),
+        ("time_to_dice", phase_time_to_dice, ()),
     ]
     wanted = set(args.phases) | ({"match_network"} if {"train", "predict"} & set(args.phases) else set())
     for name, phase, needs in phases:
@@ -673,6 +837,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({machine['cpu_count']} cores, {machine['ram_gb']} GB), device {args.device}"
           + (f" ({machine['gpu']})" if machine.get("gpu") else "") + f", torch {machine['torch']}")
     print(format_table(results["rows"]))
+    for side, name in (("autoseg", "autoseg"), ("nnunet", "nnU-Net")):
+        plan = results.get("time_to_dice", {}).get(side, {}).get("plan")
+        if plan:
+            print(f"time to Dice, {name}'s plan: {plan['command']}: patch {plan['patch_size']}, batch "
+                  f"{plan['batch_size']}, features {plan['features_per_stage']}")
     for name, message in errors.items():
         print(f"FAILED {name}: {message.splitlines()[0]}")
     print(f"wrote {args.output} ({results['total_seconds']:.0f} s)")
