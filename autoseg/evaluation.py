@@ -81,7 +81,7 @@ from autoseg.dataset import load_dataset_json
 from autoseg.errors import AutosegError
 from autoseg.io import read_image
 from autoseg.labels import LabelValue, label_mask, select_labels
-from autoseg.utils import atomic_write_text
+from autoseg.utils import atomic_write_text, bounding_slices
 
 
 class EvaluationError(AutosegError, ValueError):
@@ -358,7 +358,7 @@ def _directed_distances(
     pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances between the borders of two non-empty masks, computed inside their union's box."""
-    crop = _bounding_box(pred | ref, margin=1)
+    crop = bounding_slices(pred | ref, margin=1)
     pred_border = mask_border(pred[crop])
     ref_border = mask_border(ref[crop])
     # The EDT gives every voxel its distance to the nearest zero, so zeros are put on the border
@@ -366,18 +366,6 @@ def _directed_distances(
     to_ref = ndimage.distance_transform_edt(~ref_border, sampling=spacing)
     to_pred = ndimage.distance_transform_edt(~pred_border, sampling=spacing)
     return to_ref[pred_border].astype(np.float64), to_pred[ref_border].astype(np.float64)
-
-
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Slices of the smallest box holding every True voxel, grown by ``margin`` within the array."""
-    box = []
-    for axis in range(mask.ndim):
-        other_axes = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other_axes))
-        start = max(int(hits[0]) - margin, 0)
-        stop = min(int(hits[-1]) + 1 + margin, mask.shape[axis])
-        box.append(slice(start, stop))
-    return tuple(box)
 
 
 # --- one case ---------------------------------------------------------------------------------------

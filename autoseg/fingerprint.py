@@ -63,7 +63,14 @@ from autoseg.dataset import (
 )
 from autoseg.errors import AutosegError
 from autoseg.orientation import canonical_spacing, canonical_transform, to_canonical
-from autoseg.utils import atomic_write_json, read_json, read_model_file, sha256_of_json, validate_model
+from autoseg.utils import (
+    atomic_write_json,
+    bounding_slices,
+    read_json,
+    read_model_file,
+    sha256_of_json,
+    validate_model,
+)
 
 FINGERPRINT_VERSION = 1
 TOTAL_FOREGROUND_SAMPLES = 1_000_000
@@ -284,9 +291,7 @@ def nonzero_bbox(image: np.ndarray) -> tuple[slice, ...]:
     mask = np.any(image != 0, axis=0)
     if not mask.any():
         return tuple(slice(0, s) for s in mask.shape)
-    mask = ndimage.binary_fill_holes(mask)
-    coords = np.nonzero(mask)
-    return tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords)
+    return bounding_slices(ndimage.binary_fill_holes(mask))
 
 
 def intensity_stats(values: np.ndarray) -> IntensityStats:

@@ -33,13 +33,13 @@ from pathlib import Path, PurePosixPath
 from autoseg.errors import AutosegError
 from autoseg.plan import PlanError, load_plan
 from autoseg.utils import atomic_write, read_json
+from autoseg.workdir import CHECKPOINT_NAMES, WorkDir
 
 MANIFEST = "autoseg_model.json"
 ARCHIVE_FORMAT = 1
 TOP_FILES = ("plan.json", "dataset.json", "fingerprint.json")
 CONFIGURATION_FILES = ("splits.json", "postprocessing.json")
 FOLD_FILES = ("plan.json", "overrides.json", "schedule.json", "training_log.jsonl", "validation/summary.json")
-CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_latest.pt")
 
 
 class ModelArchiveError(AutosegError, ValueError):
@@ -52,11 +52,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _trained_folds(configuration_dir: Path) -> list[Path]:
-    folds = [p for p in configuration_dir.glob("fold_*") if p.is_dir() and any((p / c).is_file() for c in CHECKPOINTS)]
-    return sorted(folds, key=lambda p: (0, int(p.name[5:])) if p.name[5:].isdigit() else (1, 0))
 
 
 def _previous_stage(work: Path, configuration: str) -> str | None:
@@ -87,7 +82,7 @@ def export_model(work_dir: str | os.PathLike, out_zip: str | os.PathLike,
     if not (work / "plan.json").is_file():
         raise ModelArchiveError(f"{work / 'plan.json'}: missing; {work} is not a work or model folder")
     models = work / "models"
-    trained = sorted(p.name for p in models.iterdir() if p.is_dir() and _trained_folds(p)) if models.is_dir() else []
+    trained = sorted(p.name for p in models.iterdir() if p.is_dir() and WorkDir(work).folds(p.name)) if models.is_dir() else []
     wanted = list(configurations) if configurations else list(trained)
     if not wanted:
         raise ModelArchiveError(f"{models}: no trained configuration to export")
@@ -109,12 +104,13 @@ def export_model(work_dir: str | os.PathLike, out_zip: str | os.PathLike,
         base = f"models/{name}"
         files += [f"{base}/{f}" for f in CONFIGURATION_FILES if (work / base / f).is_file()]
         folds_by_configuration[name] = []
-        for fold in _trained_folds(models / name):
+        for fold_name in WorkDir(work).folds(name):
+            fold = WorkDir(work).fold(name, fold_name)
             fold_base = f"{base}/{fold.name}"
-            checkpoint = next(c for c in CHECKPOINTS if (fold / c).is_file())
+            checkpoint = next(c for c in CHECKPOINT_NAMES if (fold / c).is_file())
             files.append(f"{fold_base}/{checkpoint}")
             files += [f"{fold_base}/{f}" for f in FOLD_FILES if (fold / f).is_file()]
-            folds_by_configuration[name].append(fold.name[len("fold_"):])
+            folds_by_configuration[name].append(fold_name)
 
     manifest = {
         "format": ARCHIVE_FORMAT,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,10 @@ from autoseg.utils import atomic_write_json, read_model_file, sha256_of_json, va
 SCHEMA_VERSION = 2
 CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 NormalizationScheme = Literal["ct", "zscore", "none", "rescale01"]
+# nnU-Net: a 3D patch whose longest edge is more than this many times its z edge is augmented
+# slice-wise ("dummy 2D"). A ratio of patch edges in voxels, unlike Resampling.anisotropy_threshold
+# (a ratio of spacings in mm that decides how the slow axis is resampled), although both are 3.
+DUMMY_2D_RATIO = 3.0
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 # what decides the preprocessed arrays (configuration_hash; shared data must agree on them)
@@ -161,6 +166,22 @@ class Schedule:
     mirror_axes: tuple[int, ...] = ()
     checkpoint_every: int = Field(default=1, ge=1)
     seed: int = 12345
+
+
+def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
+    """nnU-Net's loss weights of a network's outputs, full resolution first: halving, the lowest
+    resolution 0 (when there are several), normalized to sum 1."""
+    weights = [1 / 2**i for i in range(num_outputs)]
+    if num_outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)  # powers of two: exact, so the result matches any summation order
+    return tuple(w / total for w in weights)
+
+
+def is_dummy_2d_patch(patch_size: Sequence[int]) -> bool:
+    """nnU-Net's rule: a 3D patch more than ``DUMMY_2D_RATIO`` times longer in-plane than along z
+    is augmented in-plane only ("dummy 2D"); a 2D patch never is."""
+    return len(patch_size) == 3 and max(patch_size) / patch_size[0] > DUMMY_2D_RATIO
 
 
 @dataclass(config=_STRICT)

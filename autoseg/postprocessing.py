@@ -132,12 +132,9 @@ def _accept(before: Mapping[str, float], after: Mapping[str, float], tolerance: 
     return improves and all(after[k] >= before[k] - tolerance for k in before)
 
 
-def _fold_names(models_dir: Path, folds: Sequence[int | str] | None) -> list[str]:
+def _fold_names(work: WorkDir, configuration: str, folds: Sequence[int | str] | None) -> list[str]:
     if folds is None:
-        found = sorted((p.name[len("fold_"):] for p in models_dir.glob("fold_*")
-                        if p.is_dir() and p.name != "fold_all" and (p / VALIDATION_DIR).is_dir()),
-                       key=lambda f: int(f) if f.isdigit() else 1 << 30)
-        return found
+        return [fold for fold in work.folds(configuration, containing=(VALIDATION_DIR,)) if fold != "all"]
     names = []
     for fold in folds:
         if str(fold) == "all":
@@ -148,11 +145,10 @@ def _fold_names(models_dir: Path, folds: Sequence[int | str] | None) -> list[str
 
 def _validation_cases(work: WorkDir, configuration: str, folds: Sequence[str],
                       data_name: str | None = None) -> list[_ValidationCase]:
-    models = work.models(configuration)
     preprocessed = work.preprocessed(data_name or configuration)
     cases: dict[str, _ValidationCase] = {}
     for fold in folds:
-        folder = models / f"fold_{fold}" / VALIDATION_DIR
+        folder = work.fold(configuration, fold) / VALIDATION_DIR
         if not folder.is_dir():
             raise PostprocessingError(f"{folder}: missing; train fold {fold} to the end (its validation "
                                       "predictions are written there) or leave it out with --folds")
@@ -211,7 +207,7 @@ def find_postprocessing(work_dir: str | os.PathLike, configuration: str,
     work = WorkDir(Path(work_dir))
     plan = load_plan(work.plan)
     config = plan.configuration(configuration)
-    fold_names = _fold_names(work.models(configuration), folds)
+    fold_names = _fold_names(work, configuration, folds)
     if not fold_names:
         raise PostprocessingError(f"{work.models(configuration)}: no fold has validation predictions; "
                                   "train at least one cross-validation fold first")

@@ -93,7 +93,7 @@ from autoseg.resampling import (
 
 # restore_to_original: the inverse, imported from here by its callers
 from autoseg.restore import box_slices, restore_to_original  # noqa: F401
-from autoseg.utils import atomic_write, atomic_write_json, atomic_write_text, read_json
+from autoseg.utils import atomic_write, atomic_write_json, atomic_write_text, bounding_slices, read_json
 from autoseg.workdir import WorkDir
 
 MAX_CLASS_LOCATIONS = 10_000
@@ -160,14 +160,8 @@ def nonzero_mask(image: np.ndarray) -> np.ndarray:
 
 def bounding_box(mask: np.ndarray) -> list[list[int]]:
     """``[[start, stop], ...]`` of the True region per axis; the whole array when it has none."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        if hits.size == 0:
-            return [[0, s] for s in mask.shape]
-        box.append([int(hits[0]), int(hits[-1]) + 1])
-    return box
+    box = bounding_slices(mask) or tuple(slice(0, s) for s in mask.shape)
+    return [[s.start, s.stop] for s in box]
 
 
 def target_spacing_for(configuration: Configuration, spacing: Sequence[float],

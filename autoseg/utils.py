@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and content hashes."""
+"""Small shared helpers: atomic writes, content hashes and a mask's bounding box."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -93,3 +95,15 @@ def read_model_file(path: str | os.PathLike, file_name: str, error_class: type[E
         return read_json(path), path
     except ValueError as error:
         raise error_class(str(error)) from None
+
+
+def bounding_slices(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every True voxel of ``mask``, grown by ``margin`` voxels
+    and clipped to the array; None when no voxel is True."""
+    box = []
+    for axis, size in enumerate(mask.shape):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(0, int(hits[0]) - margin), min(size, int(hits[-1]) + 1 + margin)))
+    return tuple(box)

@@ -19,11 +19,16 @@ No environment variable is read.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ROOT = Path("autoseg_work")
 VALIDATION_DIR = "validation"  # in a fold folder: the held-out cases' predictions and summary.json
+# in a fold folder: the last state (resumable) and the one with the best validation EMA
+CHECKPOINT_LATEST = "checkpoint_latest.pt"
+CHECKPOINT_BEST = "checkpoint_best.pt"
+CHECKPOINT_NAMES = (CHECKPOINT_BEST, CHECKPOINT_LATEST)  # the order a trained model is looked up in
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,19 @@ class WorkDir:
     def fold(self, configuration: str, fold: int | str) -> Path:
         name = "fold_all" if str(fold) == "all" else f"fold_{int(fold)}"
         return self.models(configuration) / name
+
+    def folds(self, configuration: str, containing: Sequence[str] = CHECKPOINT_NAMES) -> list[str]:
+        """Folds (``"0"``, ``"1"``, ..., ``"all"``) of a configuration whose folder holds one of ``containing``.
+
+        The default finds the trained folds (those with a checkpoint); cross-validation folds come
+        in numeric order, ``"all"`` last.
+        """
+        names = []
+        for path in self.models(configuration).glob("fold_*"):
+            name = path.name[len("fold_"):]
+            if (name.isdigit() or name == "all") and path.is_dir() and any((path / c).exists() for c in containing):
+                names.append(name)
+        return sorted(names, key=lambda name: (0, int(name)) if name.isdigit() else (1, 0))
 
     def splits(self, configuration: str) -> Path:
         return self.models(configuration) / "splits.json"

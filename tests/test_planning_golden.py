@@ -214,4 +214,4 @@ def test_fit_shrinks_until_a_batch_of_two_fits_and_caps_the_batch():
     (4, (4 / 6, 2 / 6, 0.0)),
 ])
 def test_deep_supervision_weights(stages, expected):
-    assert deep_supervision_weights(stages) == pytest.approx(expected)
+    assert deep_supervision_weights(stages - 1) == pytest.approx(expected)  # one output per stage but the lowest

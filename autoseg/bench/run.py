@@ -18,7 +18,7 @@ from autoseg.examples import make_example
 from autoseg.io import read_image
 from autoseg.plan import load_plan
 from autoseg.utils import atomic_write_json
-from autoseg.workdir import WorkDir
+from autoseg.workdir import CHECKPOINT_LATEST, WorkDir
 
 SCHEMA = "autoseg-benchmark/1"
 # Iterations per training epoch (one measured run): enough to average out batch-to-batch noise,
@@ -276,7 +276,7 @@ def _bench_predict(ctx: _Context) -> None:
     for name in plan.configurations:
         if _skip_cascade(ctx, "predict", plan.configuration(name)):
             continue
-        if not (WorkDir(ctx.work).fold(name, "all") / "checkpoint_latest.pt").is_file():
+        if not (WorkDir(ctx.work).fold(name, "all") / CHECKPOINT_LATEST).is_file():
             ctx.errors[f"predict/{name}"] = "no trained model (the train stage failed or did not run)"
             continue
         entry: dict[str, Any] = {}

@@ -28,9 +28,9 @@ from autoseg.postprocessing_steps import PostprocessingDecision, load_postproces
 from autoseg.precision import Precision, resolve_precision
 from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.validation import trained_mirror_axes
-from autoseg.workdir import WorkDir
+from autoseg.workdir import CHECKPOINT_BEST, CHECKPOINT_LATEST, WorkDir
 
-CHECKPOINT_FILES = {"best": "checkpoint_best.pt", "latest": "checkpoint_latest.pt"}
+CHECKPOINT_FILES = {"best": CHECKPOINT_BEST, "latest": CHECKPOINT_LATEST}
 
 _TOPOLOGY = TypeAdapter(Topology)
 _SCHEDULE = TypeAdapter(Schedule)
@@ -111,22 +111,13 @@ class TrainedModel:
         return self.in_channels - self.base_channels
 
 
-def _fold_sort_key(name: str) -> tuple[int, int]:
-    return (0, int(name)) if name.isdigit() else (1, 0)
-
-
 def _fold_dir(model_dir: Path, configuration: str, fold: str) -> Path:
     return WorkDir(model_dir).fold(configuration, fold)
 
 
 def trained_folds(model_dir: str | os.PathLike, configuration: str) -> list[str]:
     """Folds (``"0"``, ``"1"``, ..., ``"all"``) of a configuration that have a checkpoint."""
-    folder = WorkDir(Path(model_dir)).models(configuration)
-    if not folder.is_dir():
-        return []
-    names = [p.name[len("fold_"):] for p in folder.glob("fold_*") if p.is_dir()
-             and any((p / f).is_file() for f in CHECKPOINT_FILES.values())]
-    return sorted(names, key=_fold_sort_key)
+    return WorkDir(Path(model_dir)).folds(configuration)
 
 
 def trained_configurations(model_dir: str | os.PathLike) -> list[str]:

@@ -19,6 +19,7 @@ tests import from here)::
 
 from __future__ import annotations
 
+from autoseg.plan import deep_supervision_weights  # re-exported: the planner writes them into the schedule
 from autoseg.planning.heuristics import (
     ANISOTROPIC_PERCENTILE,
     ANISOTROPY_THRESHOLD,
@@ -48,7 +49,6 @@ from autoseg.planning.heuristics import (
     Preset,
     augmentation_options,
     build_topology,
-    deep_supervision_weights,
     epochs_for_time_budget,
     estimate_memory_bytes,
     features_per_stage,

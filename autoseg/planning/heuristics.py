@@ -96,7 +96,15 @@ import numpy as np
 
 from autoseg.fingerprint import ChannelFingerprint, IntensityStats, modality_from_name
 from autoseg.networks import MemoryEstimate, estimate_training_memory
-from autoseg.plan import ChannelNormalization, IntensityWindow, NormalizationScheme, PlanError, Topology
+from autoseg.plan import (
+    DUMMY_2D_RATIO,
+    ChannelNormalization,
+    IntensityWindow,
+    NormalizationScheme,
+    PlanError,
+    Topology,
+    is_dummy_2d_patch,
+)
 
 ANISOTROPY_THRESHOLD = 3.0
 OVERSAMPLE_FOREGROUND = 0.66
@@ -118,7 +126,6 @@ LOWRES_THRESHOLD = 0.25
 LOWRES_SPACING_STEP = 1.03
 LOWRES_MIN_SHRINK = 2.0
 NONZERO_MASK_CROP_RATIO = 0.75
-DUMMY_2D_RATIO = 3.0
 TIME_BUDGET_OVERHEAD = 1.15
 GIB = 2**30
 
@@ -527,20 +534,10 @@ def normalization_for_channel(name: str, channel_stats: ChannelFingerprint | Int
 # --- schedule ------------------------------------------------------------------------------------------
 
 
-def deep_supervision_weights(num_stages: int) -> tuple[float, ...]:
-    """Loss weights of the decoder outputs, full resolution first: halving, lowest 0, sum 1."""
-    n = num_stages - 1
-    if n <= 1:
-        return (1.0,) * n
-    weights = np.array([1 / 2**i for i in range(n)])
-    weights[-1] = 0.0
-    return tuple(float(w) for w in weights / weights.sum())
-
-
 def augmentation_options(patch: Sequence[int]) -> tuple[dict[str, Any], str]:
     """Rotation range and the in-plane-only ("dummy 2D") switch for a patch (nnU-Net's rule)."""
     if len(patch) == 3:
-        dummy_2d = max(patch) / patch[0] > DUMMY_2D_RATIO
+        dummy_2d = is_dummy_2d_patch(patch)
         degrees = 180.0 if dummy_2d else 30.0
         reason = (f"max(patch) / patch[0] = {max(patch) / patch[0]:.3g} {'>' if dummy_2d else '<='} "
                   f"{DUMMY_2D_RATIO:g}: " + ("rotate in-plane only, +-180 degrees" if dummy_2d else

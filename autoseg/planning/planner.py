@@ -39,6 +39,7 @@ from autoseg.plan import (
     Schedule,
     Topology,
     cascade_input_channels,
+    deep_supervision_weights,
     save_plan,
 )
 from autoseg.planning.heuristics import (
@@ -69,7 +70,6 @@ from autoseg.planning.heuristics import (
     augmentation_options,
     build_topology,
     cross_entropy_class_weights,
-    deep_supervision_weights,
     epochs_for_time_budget,
     estimate_memory_bytes,
     fit_patch_and_batch,
@@ -178,7 +178,7 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     estimated_gb, memory_reason = (0.0, "") if quiet else _estimated_gb(ctx, dim, topology, fit)
     schedule_aug, aug_reason = augmentation_options(patch)
     loss_options = {"ce_class_weights": list(ctx.ce_class_weights)} if ctx.ce_class_weights else {}
-    schedule = Schedule(deep_supervision_weights=deep_supervision_weights(topology.num_stages),
+    schedule = Schedule(deep_supervision_weights=deep_supervision_weights(topology.num_stages - 1),
                         mirror_axes=tuple(range(dim)), augmentation_options=schedule_aug,
                         oversample_foreground=OVERSAMPLE_FOREGROUND, loss_options=loss_options)
     anisotropic = max(spacing3[-dim:]) / min(spacing3[-dim:]) > ANISOTROPY_THRESHOLD

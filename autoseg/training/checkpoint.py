@@ -22,9 +22,10 @@ import torch
 
 from autoseg.training.errors import TrainingError
 from autoseg.utils import atomic_write
+from autoseg.workdir import CHECKPOINT_BEST, CHECKPOINT_LATEST
 
-CHECKPOINT_LATEST = "checkpoint_latest.pt"
-CHECKPOINT_BEST = "checkpoint_best.pt"
+__all__ = ["CHECKPOINT_BEST", "CHECKPOINT_LATEST"]  # re-exported: the trainer's modules import them from here
+
 CHECKPOINT_FORMAT = 1
 
 

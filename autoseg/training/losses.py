@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from autoseg.plan import Schedule, Topology
+from autoseg.plan import Schedule, Topology, deep_supervision_weights
 from autoseg.training.errors import TrainingError
 from autoseg.training.labels import IGNORE_INDEX, LabelInfo
 
@@ -190,14 +190,6 @@ class CombinedLoss(nn.Module):
             if self.weights[name]:
                 total = total + self.weights[name] * module(logits, target)
         return total
-
-
-def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
-    """nnU-Net's halving weights, lowest resolution 0, normalized to sum 1."""
-    weights = np.array([1 / 2**i for i in range(num_outputs)])
-    if num_outputs > 1:
-        weights[-1] = 0
-    return tuple(float(w) for w in weights / weights.sum())
 
 
 def downsample_target(target: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

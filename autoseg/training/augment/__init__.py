@@ -44,13 +44,11 @@ from autoseg.training.augment.settings import (
     augmentation_settings,
 )
 from autoseg.training.augment.spatial import (
-    ANISOTROPY_THRESHOLD,
     input_coordinates,
     rotation_matrix,
 )
 
 __all__ = [
-    "ANISOTROPY_THRESHOLD",
     "CT_TISSUE_KNOTS_HU",
     "METAL_HU",
     "MORPHOLOGY_OPERATIONS",

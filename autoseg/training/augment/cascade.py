@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.training.augment.base import InPlaceTransform, draw_seed, fires, register_transform
+from autoseg.utils import bounding_slices
 
 MORPHOLOGY_OPERATIONS = ("dilation", "erosion", "opening", "closing")
 
@@ -82,7 +83,7 @@ def binary_morphology(mask: np.ndarray, operation: str, radius: int) -> np.ndarr
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     out = np.zeros_like(mask)
     # every voxel within the radius of the mask lies in its bounding box grown by the radius
-    box = _bounding_box(mask, radius)
+    box = bounding_slices(mask, radius)
     if box is not None:
         # distances are square roots of integers: exact at integer radii, so <= matches |o|^2 <= r^2
         out[box] = ndimage.distance_transform_edt(~mask[box]) <= radius
@@ -93,7 +94,7 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     out = np.zeros_like(mask)
     # one background layer around the bounding box (where the array has one) holds, for every
     # voxel inside, a background voxel at least as close as any background voxel further out
-    box = _bounding_box(mask, 1)
+    box = bounding_slices(mask, 1)
     if box is None:
         return out
     inside = mask[box]
@@ -102,17 +103,6 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     else:
         out[box] = ndimage.distance_transform_edt(inside) > radius
     return out
-
-
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
-    """The mask's bounding box grown by ``margin`` voxels and clipped to the array; None if empty."""
-    box = []
-    for axis, size in enumerate(mask.shape):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(0, int(hits[0]) - margin), min(size, int(hits[-1]) + 1 + margin)))
-    return tuple(box)
 
 
 @register_transform("remove_component", order=150)
