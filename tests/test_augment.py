@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -520,7 +521,8 @@ def test_preview_from_preprocessed_cases(tmp_path, config_name):
     label = ellipsoid(shape, [s / 2 for s in shape], [s / 4 for s in shape]).astype(np.int16)
     np.save(folder / "case_0.npy", (rng.standard_normal((1, *shape)) + label).astype(np.float32))
     np.save(folder / "case_0_seg.npy", label)
-    (folder / "case_0.json").write_text(json.dumps({"case_id": "case_0", "class_locations": {"1": [[3, 20, 22]]}}))
+    sidecar = json.loads((Path(__file__).parent / "data" / "sidecar_before_typing.json").read_text())
+    (folder / "case_0.json").write_text(json.dumps({**sidecar, "case_id": "case_0", "class_locations": {"1": [[3, 20, 22]]}}))
     out = augment_preview(work, tmp_path / "preview.png", num_samples=3, seed=2, case="case_0")
     _finite_png(out)
     with pytest.raises(FileNotFoundError, match="case_9"):

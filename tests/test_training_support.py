@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.case_properties import CaseProperties, SidecarResampling, save_case_properties
 from autoseg.plan import (
     ChannelNormalization,
     Configuration,
@@ -91,21 +92,31 @@ def write_case(folder: Path, case_id: str, image: np.ndarray, seg: np.ndarray,
             coordinates = coordinates[rng.choice(len(coordinates), max_locations, replace=False)]
         locations[str(int(value))] = coordinates.tolist()
     shape = list(seg.shape)
-    sidecar = {
-        "case_id": case_id,
-        "source_files": [f"imagesTr/{case_id}_0000.nii.gz"],
-        "spacing": list(spacing),
-        "origin": [0.0, 0.0, 0.0],
-        "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
-        "shape": shape,
-        "orientation": {"axes": [0, 1, 2], "flips": [False, False, False]},
-        "crop_bbox": [[0, s] for s in shape],
-        "shape_after_crop": shape,
-        "shape_after_resampling": shape,
-        "spacing_after_resampling": list(spacing),
-        "class_locations": locations,
-    }
-    (folder / f"{case_id}.json").write_text(json.dumps(sidecar))
+    sidecar = CaseProperties(
+        case_id=case_id,
+        source_files={"images": [f"imagesTr/{case_id}_0000.nii.gz"], "label": None},
+        configuration="3d_fullres",
+        configuration_hash="",
+        plan_hash="",
+        is_2d=False,
+        shape=shape,
+        spacing=list(spacing),
+        origin=[0.0, 0.0, 0.0],
+        direction=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        orientation={"axes": [0, 1, 2], "flips": [False, False, False]},
+        shape_canonical=shape,
+        spacing_canonical=list(spacing),
+        crop_bbox=[[0, s] for s in shape],
+        shape_after_crop=shape,
+        shape_after_resampling=shape,
+        spacing_after_resampling=list(spacing),
+        resampling=SidecarResampling(image_order=3, label_order=1, slow_axis_order=0, slow_axis=None,
+                                     anisotropy_threshold=3.0),
+        channels=[f"channel_{c}" for c in range(image.shape[0])],
+        ct_priors=[],
+        class_locations=locations,
+    )
+    save_case_properties(sidecar, folder / f"{case_id}.json")
 
 
 def make_work(root: Path, plan: Plan, cases: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Path:
