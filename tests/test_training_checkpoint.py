@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from autoseg.training.checkpoint import (
+    Checkpoint,
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
+    read_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -101,3 +103,24 @@ def test_log_is_json_lines_without_nan(tmp_path: Path) -> None:
     assert read_log(tmp_path / "log.jsonl") == entries
     with pytest.raises(ValueError):
         write_log(tmp_path / "log.jsonl", [{"val_loss": float("nan")}])
+
+
+def test_typed_checkpoint_round_trips_and_reads_files_without_precision(tmp_path: Path) -> None:
+    network = torch.nn.Conv3d(1, 2, 3)
+    written = Checkpoint(network=network.state_dict(), configuration="3d_fullres", fold="0", plan_hash="abc",
+                         world_size=1, precision="fp32")
+    path = save_checkpoint(tmp_path / "checkpoint_latest.pt", written.to_state())
+    loaded = read_checkpoint(path)
+    assert loaded.precision == "fp32" and loaded.fold == "0" and loaded.optimizer is None
+    assert torch.equal(loaded.network["weight"], network.weight)
+    older = {k: v for k, v in written.to_state().items() if k != "precision"}  # before mixed precision
+    assert read_checkpoint(save_checkpoint(tmp_path / "old.pt", older)).precision is None
+
+
+def test_typed_checkpoint_names_the_file_for_foreign_entries_and_missing_training_state(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"network": {}, "weights": {}})
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: not an autoseg training checkpoint .*weights"):
+        read_checkpoint(path)
+    path = save_checkpoint(tmp_path / "checkpoint_best.pt", {"network": {}})
+    with pytest.raises(CheckpointError, match=r"checkpoint_best\.pt: cannot resume .* no optimizer, progress"):
+        read_checkpoint(path).check_resumable(path)

@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -26,7 +25,7 @@ from autoseg.networks import build_network
 from autoseg.plan import Configuration, Plan, PlanError, Schedule, Topology, load_plan, plan_hash
 from autoseg.postprocessing_steps import PostprocessingDecision, load_postprocessing
 from autoseg.precision import Precision, resolve_precision
-from autoseg.training.checkpoint import load_checkpoint
+from autoseg.training.checkpoint import Checkpoint, read_checkpoint
 from autoseg.training.validation import trained_mirror_axes
 from autoseg.workdir import CHECKPOINT_BEST, CHECKPOINT_LATEST, WorkDir
 
@@ -177,7 +176,7 @@ def _checkpoint_path(fold_dir: Path, checkpoint: str) -> Path:
     raise PredictionError(f"{path}: checkpoint does not exist")
 
 
-def _fold_topology_and_schedule(state: dict[str, Any], fold_dir: Path, configuration: Configuration,
+def _fold_topology_and_schedule(state: Checkpoint, fold_dir: Path, configuration: Configuration,
                                 source: Path) -> tuple[Topology, Schedule]:
     """The network's own topology and schedule: checkpoint first, then the fold's plan, then the plan."""
     topology, schedule = configuration.topology, configuration.schedule
@@ -189,10 +188,10 @@ def _fold_topology_and_schedule(state: dict[str, Any], fold_dir: Path, configura
         except PlanError as error:
             warnings.warn(f"{fold_plan}: ignored ({error})", stacklevel=3)
     try:
-        if state.get("topology") is not None:
-            topology = _TOPOLOGY.validate_python(state["topology"])
-        if state.get("schedule") is not None:
-            schedule = _SCHEDULE.validate_python(state["schedule"])
+        if state.topology is not None:
+            topology = _TOPOLOGY.validate_python(state.topology)
+        if state.schedule is not None:
+            schedule = _SCHEDULE.validate_python(state.schedule)
     except ValidationError as error:
         raise PredictionError(f"{source}: the recorded topology or schedule is invalid ({error})") from None
     return topology, schedule
@@ -202,15 +201,15 @@ def _load_fold(model_dir: Path, plan: Plan, configuration: Configuration, fold: 
                device: torch.device) -> FoldModel:
     fold_dir = _fold_dir(model_dir, configuration.name, fold)
     path = _checkpoint_path(fold_dir, checkpoint)
-    state = load_checkpoint(path, map_location=device)
+    state = read_checkpoint(path, map_location=device)
     topology, schedule = _fold_topology_and_schedule(state, fold_dir, configuration, path)
-    recorded = state.get("plan_hash")
+    recorded = state.plan_hash
     if recorded and recorded != plan_hash(plan):
         warnings.warn(f"{path}: trained with another plan.json (plan hash {recorded}, this model folder's is "
                       f"{plan_hash(plan)}); preprocessing may not match the training", stacklevel=3)
     network = build_network(topology)
     try:
-        network.load_state_dict(state["network"])
+        network.load_state_dict(state.network)
     except RuntimeError as error:
         raise PredictionError(f"{path}: the weights do not fit a {topology.arch} network of the recorded "
                               f"topology ({str(error).splitlines()[0]})") from None

@@ -12,6 +12,7 @@ strings, None, lists, tuples and dicts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -24,7 +25,9 @@ from autoseg.training.errors import TrainingError
 from autoseg.utils import atomic_write
 from autoseg.workdir import CHECKPOINT_BEST, CHECKPOINT_LATEST
 
-__all__ = ["CHECKPOINT_BEST", "CHECKPOINT_LATEST"]  # re-exported: the trainer's modules import them from here
+# CHECKPOINT_*: re-exported, the trainer's modules import them from here
+__all__ = ["CHECKPOINT_BEST", "CHECKPOINT_LATEST", "Checkpoint", "CheckpointError", "capture_rng_state",
+           "load_checkpoint", "read_checkpoint", "restore_rng_state", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -53,6 +56,60 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: checkpoint format {state['format']} is newer than this autoseg "
                               f"reads ({CHECKPOINT_FORMAT})")
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What a training run writes into ``checkpoint_*.pt``: one definition for the writer (the
+    training loop) and the readers (resuming, fine-tuning, inference).
+
+    Tensors stay tensors (``network`` and the optimizer, scaler and random states are PyTorch state
+    dicts); ``schedule`` and ``topology`` are the plan's JSON form. Every field but ``network`` may
+    be missing from a file: checkpoints of older versions lack ``precision``, and a model written by
+    hand for inference needs no training state.
+    """
+
+    network: dict[str, Any]
+    optimizer: dict[str, Any] | None = None
+    grad_scaler: dict[str, Any] | None = None  # None when no gradient scaler was enabled
+    progress: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+    topology: dict[str, Any] | None = None
+    configuration: str | None = None
+    fold: str | None = None
+    plan_hash: str | None = None
+    world_size: int | None = None
+    precision: str | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        """The dict :func:`save_checkpoint` writes (only tensors and plain values)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], path: str | os.PathLike) -> Checkpoint:
+        """A loaded state dict as a :class:`Checkpoint`; unknown entries or a non-dict ``network``
+        raise :class:`CheckpointError` naming ``path``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(state) - names - {"format"})
+        if unknown:
+            raise CheckpointError(f"{path}: not an autoseg training checkpoint (unknown entries: "
+                                  f"{', '.join(unknown)})")
+        if not isinstance(state.get("network"), dict):
+            raise CheckpointError(f"{path}: not an autoseg checkpoint (no 'network' state dict)")
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+    def check_resumable(self, path: str | os.PathLike) -> None:
+        """Raise :class:`CheckpointError` naming ``path`` unless a run can continue from here."""
+        missing = [name for name in ("optimizer", "progress", "rng", "schedule", "topology")
+                   if getattr(self, name) is None]
+        if missing:
+            raise CheckpointError(f"{path}: cannot resume from this checkpoint: it has no {', '.join(missing)}")
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load (``weights_only=True``) and check a training checkpoint."""
+    return Checkpoint.from_state(load_checkpoint(path, map_location), path)
 
 
 def capture_rng_state() -> dict[str, Any]:

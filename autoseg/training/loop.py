@@ -70,8 +70,9 @@ from autoseg.training.budget import TimeBudget, approximate_tiles, format_durati
 from autoseg.training.checkpoint import (
     CHECKPOINT_BEST,
     CHECKPOINT_LATEST,
+    Checkpoint,
     capture_rng_state,
-    load_checkpoint,
+    read_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -293,7 +294,8 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
 
     checkpoint = None
     if resume and latest.exists():
-        checkpoint = load_checkpoint(latest)
+        checkpoint = read_checkpoint(latest)
+        checkpoint.check_resumable(latest)
     elif resume and context.is_main:
         print(f"{fold_dir}: no checkpoint to resume from; starting from scratch")
     elif latest.exists():
@@ -303,11 +305,11 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
     new_overrides = overrides.as_dict() if overrides else {}
     recorded = dict(read_json(fold_dir / OVERRIDES_FILE)) if checkpoint and (fold_dir / OVERRIDES_FILE).exists() \
         else {}  # type: ignore[arg-type]
-    base = _SCHEDULE.validate_python(checkpoint["schedule"]) if checkpoint else configuration.schedule
+    base = _SCHEDULE.validate_python(checkpoint.schedule) if checkpoint else configuration.schedule
     schedule = apply_overrides(base, new_overrides)
 
     if checkpoint is not None:
-        topology = _TOPOLOGY.validate_python(checkpoint["topology"])
+        topology = _TOPOLOGY.validate_python(checkpoint.topology)
     elif pretrained is not None:
         pretrained_state = load_pretrained(Path(pretrained))
         topology = adopt_topology(pretrained_state, configuration, Path(pretrained))
@@ -329,9 +331,9 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
     torch.manual_seed(schedule.seed)  # the same seed builds the same initial weights
     network = build_network(topology).to(context.device)
     if checkpoint is not None:
-        network.load_state_dict(checkpoint["network"])
+        network.load_state_dict(checkpoint.network)
     elif pretrained is not None:
-        load_matching_weights(network, pretrained_state["network"], Path(pretrained))
+        load_matching_weights(network, pretrained_state.network, Path(pretrained))
     try:
         resolved = resolve_precision(precision, context.device)
         compiled = resolve_compile(compile_network, context.device)
@@ -344,11 +346,11 @@ def _assemble(context: DistributedContext, work_dir: Path, name: str, fold: int 
     scaler = torch.amp.GradScaler(context.device.type, enabled=needs_grad_scaler(resolved))
     progress = Progress()
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("grad_scaler"):
-            scaler.load_state_dict(checkpoint["grad_scaler"])
-        progress = Progress.from_state(checkpoint["progress"])
-        restore_rng_state(checkpoint["rng"])
+        optimizer.load_state_dict(checkpoint.optimizer)
+        if checkpoint.grad_scaler:
+            scaler.load_state_dict(checkpoint.grad_scaler)
+        progress = Progress.from_state(checkpoint.progress)
+        restore_rng_state(checkpoint.rng)
     loss = build_loss(schedule, topology, label_info).to(context.device)
 
     if context.is_main:
@@ -651,20 +653,20 @@ def _finish_epoch(run: _Run, validation: dict[str, Any], show_progress: bool) ->
 
 
 def _save(run: _Run, path: Path) -> None:
-    save_checkpoint(path, {
-        "network": run.network.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "grad_scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "progress": run.progress.to_state(),
-        "rng": capture_rng_state(),
-        "schedule": _SCHEDULE.dump_python(run.schedule, mode="json"),
-        "topology": _TOPOLOGY.dump_python(run.configuration.topology, mode="json"),
-        "configuration": run.configuration.name,
-        "fold": str(run.fold),
-        "plan_hash": plan_hash(run.plan),
-        "world_size": run.context.world_size,
-        "precision": run.precision,
-    })
+    save_checkpoint(path, Checkpoint(
+        network=run.network.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        grad_scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        progress=run.progress.to_state(),
+        rng=capture_rng_state(),
+        schedule=_SCHEDULE.dump_python(run.schedule, mode="json"),
+        topology=_TOPOLOGY.dump_python(run.configuration.topology, mode="json"),
+        configuration=run.configuration.name,
+        fold=str(run.fold),
+        plan_hash=plan_hash(run.plan),
+        world_size=run.context.world_size,
+        precision=run.precision,
+    ).to_state())
 
 
 # --- end of fold ----------------------------------------------------------------------------------

@@ -10,33 +10,32 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import TypeAdapter
 from torch import nn
 
 from autoseg.plan import Configuration, Topology
-from autoseg.training.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LATEST, load_checkpoint
+from autoseg.training.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LATEST, Checkpoint, read_checkpoint
 from autoseg.training.errors import TrainingError
 
 _TOPOLOGY = TypeAdapter(Topology)
 
 
-def load_pretrained(path: Path) -> dict[str, Any]:
+def load_pretrained(path: Path) -> Checkpoint:
     """The checkpoint of a fold folder (its latest, else its best) or of a checkpoint file."""
     file = path
     if path.is_dir():
         file = path / CHECKPOINT_LATEST if (path / CHECKPOINT_LATEST).exists() else path / CHECKPOINT_BEST
-    state = load_checkpoint(file)
-    if "topology" not in state:
+    state = read_checkpoint(file)
+    if state.topology is None:
         raise TrainingError(f"{file}: the checkpoint records no topology, so it cannot be fine-tuned from")
     return state
 
 
-def adopt_topology(state: Mapping[str, Any], configuration: Configuration, source: Path) -> Topology:
+def adopt_topology(state: Checkpoint, configuration: Configuration, source: Path) -> Topology:
     """The pretrained model's topology, with this dataset's number of classes."""
-    theirs = _TOPOLOGY.validate_python(state["topology"])
+    theirs = _TOPOLOGY.validate_python(state.topology)
     ours = configuration.topology
     if theirs.dim != ours.dim:
         raise TrainingError(f"{source}: the pretrained network is {theirs.dim}D, configuration "
