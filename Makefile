@@ -14,13 +14,14 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo_work
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint bench clean help
+.PHONY: install test demo lint bench gpu-check clean help
 
 help:
 	@echo "make demo    run every stage end to end on a generated example CT dataset"
 	@echo "make test    run the test suite"
 	@echo "make lint    ruff"
 	@echo "make bench   benchmarks on the example CT dataset (writes bench_results.json)"
+	@echo "make gpu-check  on a CUDA GPU: memory estimate, AMP speed, data wait, inference, bf16 Dice (writes gpu_check.json)"
 
 install: $(STAMP)
 
@@ -58,6 +59,10 @@ demo: install
 
 bench: install
 	$(BIN)/autoseg benchmark --example ct -o bench_results.json
+
+# Under 10 minutes on one CUDA GPU; exits 1 when a check fails. Without CUDA it says so and exits 0.
+gpu-check: install
+	$(BIN)/python tests/benchmarks/gpu_check.py --output gpu_check.json
 
 clean:
 	rm -rf $(DEMO_DIR) autoseg_work .pytest_cache
