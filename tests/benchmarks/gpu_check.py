@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,64 +102,61 @@ class Check:
 def evaluate(measurements: Mapping[str, Any]) -> list[Check]:
     """The checks for a dict of measurements (as :func:`measure` returns, or read back from JSON).
 
-    A missing or ``{"skipped": reason}`` section gives a ``skip`` check; nothing else can skip.
+    A missing or ``{"skipped": reason}`` section gives ``skip`` checks; nothing else can skip.
     """
-    return [_memory_check(measurements.get("memory")), *_training_checks(measurements.get("training")),
-            _inference_check(measurements.get("inference")), _dice_check(measurements.get("dice"))]
+    training = measurements.get("training")
+    return [
+        _verdict("memory estimate", f"within {MEMORY_TOLERANCE:.0%} of the measured peak",
+                 measurements.get("memory"), _memory_figure),
+        _verdict("training speed", "reported", training, _speed_figure),
+        _verdict("data wait share", f"under {DATA_WAIT_MAX:.0%} of a step", training, _wait_figure),
+        _verdict("inference overhead", f"at most {INFERENCE_MAX_RATIO}x the bare forward passes",
+                 measurements.get("inference"), _inference_figure),
+        _verdict("AMP vs fp32 Dice", f"within {DICE_MAX_GAP} of float32", measurements.get("dice"), _dice_figure),
+    ]
 
 
-def _skip_reason(section: Mapping[str, Any] | None) -> str | None:
-    if section is None:
-        return "not measured"
-    return section.get("skipped")
+# (value, passed or None for a figure that is only reported, detail)
+Figure = tuple[float, bool | None, str]
 
 
-def _memory_check(section: Mapping[str, Any] | None) -> Check:
-    name, limit = "memory estimate", f"within {MEMORY_TOLERANCE:.0%} of the measured peak"
-    reason = _skip_reason(section)
-    if section is None or reason is not None:
-        return Check(name, SKIP, None, limit, reason or "")
+def _verdict(name: str, limit: str, section: Mapping[str, Any] | None,
+             figure: Callable[[Mapping[str, Any]], Figure]) -> Check:
+    if section is None or "skipped" in section:
+        return Check(name, SKIP, None, limit, section["skipped"] if section else "not measured")
+    value, passed, detail = figure(section)
+    return Check(name, INFO if passed is None else PASS if passed else FAIL, value, limit, detail)
+
+
+def _memory_figure(section: Mapping[str, Any]) -> Figure:
     measured, estimated = float(section["measured_gb"]), float(section["estimated_gb"])
     error = abs(estimated - measured) / measured
-    return Check(name, PASS if error <= MEMORY_TOLERANCE else FAIL, error, limit,
-                 f"estimated {estimated:.3f} GiB, measured peak {measured:.3f} GiB ({section['configuration']})")
+    return error, error <= MEMORY_TOLERANCE, (f"estimated {estimated:.3f} GiB, measured peak {measured:.3f} GiB "
+                                              f"({section['configuration']})")
 
 
-def _training_checks(section: Mapping[str, Any] | None) -> list[Check]:
-    name, limit = "data wait share", f"under {DATA_WAIT_MAX:.0%} of a step"
-    reason = _skip_reason(section)
-    if section is None or reason is not None:
-        return [Check("training speed", SKIP, None, "reported", reason or ""),
-                Check(name, SKIP, None, limit, reason or "")]
-    speed, wait = float(section["iterations_per_second"]), float(section["data_wait_fraction"])
-    run = f"{section['precision']}, compile {'on' if section['compiled'] else 'off'}"
-    return [Check("training speed", INFO, speed, "reported", f"{speed:.2f} iterations/s ({run})"),
-            Check(name, PASS if wait < DATA_WAIT_MAX else FAIL, wait, limit,
-                  f"{wait:.1%} of each step waiting for the next batch (median over epochs)")]
+def _speed_figure(section: Mapping[str, Any]) -> Figure:
+    speed = float(section["iterations_per_second"])
+    return speed, None, (f"{speed:.2f} iterations/s ({section['precision']}, compile "
+                         f"{'on' if section['compiled'] else 'off'})")
 
 
-def _inference_check(section: Mapping[str, Any] | None) -> Check:
-    name, limit = "inference overhead", f"at most {INFERENCE_MAX_RATIO}x the bare forward passes"
-    reason = _skip_reason(section)
-    if section is None or reason is not None:
-        return Check(name, SKIP, None, limit, reason or "")
-    ratio = float(section["seconds"]) / float(section["bare_forward_seconds"])
-    return Check(name, PASS if ratio <= INFERENCE_MAX_RATIO else FAIL, ratio, limit,
-                 f"{section['seconds']:.3f} s against {section['bare_forward_seconds']:.3f} s of forward passes "
-                 f"over {section['tiles']} tiles")
+def _wait_figure(section: Mapping[str, Any]) -> Figure:
+    wait = float(section["data_wait_fraction"])
+    return wait, wait < DATA_WAIT_MAX, f"{wait:.1%} of each step waiting for the next batch (median over epochs)"
 
 
-def _dice_check(section: Mapping[str, Any] | None) -> Check:
-    name, limit = "AMP vs fp32 Dice", f"within {DICE_MAX_GAP} of float32"
-    reason = _skip_reason(section)
-    if section is None or reason is not None:
-        return Check(name, SKIP, None, limit, reason or "")
+def _inference_figure(section: Mapping[str, Any]) -> Figure:
+    seconds, bare = float(section["seconds"]), float(section["bare_forward_seconds"])
+    return seconds / bare, seconds / bare <= INFERENCE_MAX_RATIO, (
+        f"{seconds:.3f} s against {bare:.3f} s of forward passes over {section['tiles']} tiles")
+
+
+def _dice_figure(section: Mapping[str, Any]) -> Figure:
     amp, fp32 = float(section["amp"]), float(section["fp32"])
-    gap = abs(amp - fp32)
-    # a NaN Dice (nothing to score) fails: the comparison did not happen
-    return Check(name, PASS if gap <= DICE_MAX_GAP else FAIL, gap, limit,
-                 f"mean test Dice {amp:.4f} ({section['amp_precision']}) vs {fp32:.4f} (fp32) after "
-                 f"{section['iterations']} iterations each")
+    gap = abs(amp - fp32)  # NaN when a model scored nothing: the comparison fails
+    return gap, gap <= DICE_MAX_GAP, (f"mean test Dice {amp:.4f} ({section['amp_precision']}) vs {fp32:.4f} "
+                                      f"(fp32) after {section['iterations']} iterations each")
 
 
 def format_table(checks: Sequence[Check]) -> str:
