@@ -123,6 +123,16 @@ class Augmentation:
     def __call__(self, data: np.ndarray, seg: np.ndarray,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         """Sample parameters for the batch and apply them: ``(data, seg, params)``."""
+        params = self.sample_batch(data, seg, rng)
+        out_data, out_seg = replay(data, seg, params)
+        return out_data, out_seg, params
+
+    def sample_batch(self, data: np.ndarray, seg: np.ndarray, rng: np.random.Generator) -> list[dict]:
+        """Check a batch against the configuration and draw its parameters without applying them.
+
+        The draws are exactly those of :meth:`__call__`, so a loader that defers the application
+        (:mod:`.on_device`) records the same parameters as one that augments in its workers.
+        """
         data, seg = _check_batch(data, seg, self.dim)
         if data.shape[1] < len(self.normalization):
             raise ValueError(f"data has {data.shape[1]} channel(s), the configuration normalizes "
@@ -132,9 +142,7 @@ class Augmentation:
             raise ValueError(f"data has {data.shape[1]} channel(s), the cascade stage takes "
                              f"{self.in_channels} (channels {first}..{last}: the previous stage's one-hot "
                              "prediction)")
-        params = self.sample(rng, data.shape[2:], data.shape[0])
-        out_data, out_seg = replay(data, seg, params)
-        return out_data, out_seg, params
+        return self.sample(rng, data.shape[2:], data.shape[0])
 
 
 # --- pure application ------------------------------------------------------------------------------
