@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from autoseg.case_properties import CaseProperties
 from autoseg.labels import LabelInfo
 from autoseg.resampling import resample_label
 
@@ -45,15 +46,15 @@ def one_hot(label_map: np.ndarray, values: Sequence[Sequence[int]]) -> np.ndarra
     return out
 
 
-def to_stage_grid(label_map: np.ndarray, from_properties: Mapping[str, Any], to_properties: Mapping[str, Any],
+def to_stage_grid(label_map: np.ndarray, from_properties: CaseProperties, to_properties: CaseProperties,
                   device: str | Any = "cpu") -> np.ndarray:
     """A previous stage's label map resampled onto another configuration's preprocessed grid.
 
     Both properties are preprocessing sidecars of the same case (``spacing_after_resampling`` and
     ``shape_after_resampling``); the crop is the same, so only the spacing differs.
     """
-    shape = tuple(int(s) for s in to_properties["shape_after_resampling"])
+    shape = tuple(int(s) for s in to_properties.shape_after_resampling)
     if tuple(label_map.shape) == shape:
         return np.asarray(label_map)
-    return resample_label(np.asarray(label_map), from_properties["spacing_after_resampling"],
-                          to_properties["spacing_after_resampling"], new_shape=shape, order=1, device=device)
+    return resample_label(np.asarray(label_map), from_properties.spacing_after_resampling,
+                          to_properties.spacing_after_resampling, new_shape=shape, order=1, device=device)

@@ -49,12 +49,11 @@ are redone, and output of another plan is detected instead of mixed with new out
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +61,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from autoseg.case_properties import (
+    CaseProperties,
+    SidecarPrior,
+    SidecarResampling,
+    load_case_properties,
+    save_case_properties,
+)
 from autoseg.dataset import CaseData, CaseFiles, DatasetError, load_case, training_cases
 from autoseg.errors import AutosegError
 from autoseg.io import ImageReadError
@@ -93,7 +99,7 @@ from autoseg.resampling import (
 
 # restore_to_original: the inverse, imported from here by its callers
 from autoseg.restore import box_slices, restore_to_original  # noqa: F401
-from autoseg.utils import atomic_write, atomic_write_json, atomic_write_text, bounding_slices, read_json
+from autoseg.utils import atomic_write, atomic_write_json, bounding_slices, read_json
 from autoseg.workdir import WorkDir
 
 MAX_CLASS_LOCATIONS = 10_000
@@ -118,11 +124,11 @@ class PreprocessingError(AutosegError):
 
 
 class PreprocessedCase(NamedTuple):
-    """One preprocessed case: image ``(C, Z, Y, X)`` float32, label int16 or None, sidecar dict."""
+    """One preprocessed case: image ``(C, Z, Y, X)`` float32, label int16 or None, its sidecar."""
 
     image: np.ndarray
     label: np.ndarray | None
-    properties: dict
+    properties: CaseProperties
 
 
 @dataclass
@@ -352,35 +358,35 @@ def preprocess_case(case: CaseData, plan: Plan, configuration: str | Configurati
     del inside
 
     ignore = plan.labels.get("ignore")
-    properties = {
-        "case_id": case.case_id,
-        "source_files": {},
-        "configuration": config.name,
-        "configuration_hash": configuration_hash(plan, config.name) if config.name in plan.configurations
-        else "",
-        "plan_hash": plan_hash(plan),
-        "is_2d": bool(case.is_2d),
-        "shape": [int(s) for s in case.reference.array.shape],
-        "spacing": [float(s) for s in case.spacing],
-        "origin": list(case.reference.origin),
-        "direction": list(case.reference.direction),
-        "orientation": transform,
-        "shape_canonical": list(canonical_shape(case.image.shape, transform)),
-        "spacing_canonical": list(spacing),
-        "crop_bbox": box,
-        "shape_after_crop": [b - a for a, b in box],
-        "shape_after_resampling": list(new_shape),
-        "spacing_after_resampling": list(target),
-        "resampling": {"image_order": options.image_order, "label_order": options.label_order,
-                       "slow_axis_order": options.slow_axis_order, "slow_axis": slow_axis,
-                       "anisotropy_threshold": options.anisotropy_threshold},
-        "channels": list(plan.channel_names) + [f"prior_{w.name}" for w in config.ct_priors],
-        "ct_priors": [{"name": w.name, "low": w.low, "high": w.high} for w in config.ct_priors],
-        "class_locations": {},
-    }
+    locations = {}
     if case.label is not None:
         exclude = [ignore] if isinstance(ignore, int) else []
-        properties["class_locations"] = class_locations(seg, exclude, seed=_case_seed(case.case_id))
+        locations = class_locations(seg, exclude, seed=_case_seed(case.case_id))
+    properties = CaseProperties(
+        case_id=case.case_id,
+        source_files={},
+        configuration=config.name,
+        configuration_hash=configuration_hash(plan, config.name) if config.name in plan.configurations else "",
+        plan_hash=plan_hash(plan),
+        is_2d=bool(case.is_2d),
+        shape=[int(s) for s in case.reference.array.shape],
+        spacing=[float(s) for s in case.spacing],
+        origin=list(case.reference.origin),
+        direction=list(case.reference.direction),
+        orientation=transform,
+        shape_canonical=list(canonical_shape(case.image.shape, transform)),
+        spacing_canonical=list(spacing),
+        crop_bbox=box,
+        shape_after_crop=[b - a for a, b in box],
+        shape_after_resampling=list(new_shape),
+        spacing_after_resampling=list(target),
+        resampling=SidecarResampling(image_order=options.image_order, label_order=options.label_order,
+                                     slow_axis_order=options.slow_axis_order, slow_axis=slow_axis,
+                                     anisotropy_threshold=options.anisotropy_threshold),
+        channels=list(plan.channel_names) + [f"prior_{w.name}" for w in config.ct_priors],
+        ct_priors=[SidecarPrior(name=w.name, low=w.low, high=w.high) for w in config.ct_priors],
+        class_locations=locations,
+    )
     return PreprocessedCase(out, seg if case.label is not None else None, properties)
 
 
@@ -395,24 +401,23 @@ def case_paths(folder: str | os.PathLike, case_id: str) -> tuple[Path, Path, Pat
 
 def save_preprocessed_case(folder: str | os.PathLike, case: PreprocessedCase) -> Path:
     """Write image, label and (last) sidecar, each atomically; returns the sidecar path."""
-    case_id = case.properties["case_id"]
+    case_id = case.properties.case_id
     image_path, seg_path, sidecar_path = case_paths(folder, case_id)
     atomic_write(image_path, lambda tmp: np.save(tmp, case.image))
     if case.label is not None:
         atomic_write(seg_path, lambda tmp: np.save(tmp, case.label.astype(np.int16, copy=False)))
-    # Compact JSON: class locations are tens of thousands of numbers.
-    return atomic_write_text(sidecar_path, json.dumps(case.properties, separators=(",", ":")) + "\n")
+    return save_case_properties(case.properties, sidecar_path)
 
 
 def load_preprocessed_case(folder: str | os.PathLike, case_id: str, mmap: bool = True
-                           ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+                           ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Read a stored case: image and label memory-mapped (read-only) by default, and the sidecar."""
     image_path, seg_path, sidecar_path = case_paths(folder, case_id)
     mode = "r" if mmap else None
-    properties = read_json(sidecar_path)
+    properties = load_case_properties(sidecar_path)
     image = np.load(image_path, mmap_mode=mode, allow_pickle=False)
     label = np.load(seg_path, mmap_mode=mode, allow_pickle=False) if seg_path.exists() else None
-    return image, label, properties  # type: ignore[return-value]
+    return image, label, properties
 
 
 # --- the dataset ----------------------------------------------------------------------------------
@@ -515,9 +520,8 @@ def _preprocess_one(case: CaseFiles, plan_data: dict, configuration: str, folder
         with _torch_threads(threads):
             plan = plan_from_dict(plan_data)
             result = preprocess_case(load_case(case), plan, configuration, device=device)
-        result.properties["source_files"] = {"images": [str(p) for p in case.images],
-                                             "label": str(case.label) if case.label else None}
-        save_preprocessed_case(folder, result)
+        sources = {"images": [str(p) for p in case.images], "label": str(case.label) if case.label else None}
+        save_preprocessed_case(folder, result._replace(properties=replace(result.properties, source_files=sources)))
         return case.case_id, None
     except (ImageReadError, DatasetError) as error:  # these already name the file
         return case.case_id, f"{case.case_id}: {error}"

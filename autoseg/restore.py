@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from autoseg.case_properties import CaseProperties
 from autoseg.orientation import to_canonical
 from autoseg.resampling import resample_label, resample_probabilities
 
@@ -25,7 +26,7 @@ def box_slices(box: Sequence[Sequence[int]]) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in box)
 
 
-def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["label", "probabilities"],
+def restore_to_original(array: np.ndarray, properties: CaseProperties, kind: Literal["label", "probabilities"],
                         fill: float | Sequence[float] | None = None, order: int | None = None,
                         device: str | torch.device = "cpu") -> np.ndarray:
     """Map a label or probabilities in preprocessed space back to the original array.
@@ -47,17 +48,17 @@ def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["labe
             nearest-neighbour lookup), for probabilities linear (1).
         device: torch device for the resampling.
     """
-    shape_resampled = tuple(properties["shape_after_resampling"])
-    crop_shape = tuple(properties["shape_after_crop"])
-    full_shape = tuple(properties["shape_canonical"])
-    options = properties["resampling"]
-    common = {"new_shape": crop_shape, "slow_axis": options["slow_axis"],
-              "separate_slow_axis": options["slow_axis"] is not None,
-              "slow_axis_order": options["slow_axis_order"], "device": device}
-    spacing_from = properties["spacing_after_resampling"]
-    spacing_to = properties["spacing_canonical"]
-    crop = box_slices(properties["crop_bbox"])
-    transform = properties["orientation"]
+    shape_resampled = tuple(properties.shape_after_resampling)
+    crop_shape = tuple(properties.shape_after_crop)
+    full_shape = tuple(properties.shape_canonical)
+    options = properties.resampling
+    common = {"new_shape": crop_shape, "slow_axis": options.slow_axis,
+              "separate_slow_axis": options.slow_axis is not None,
+              "slow_axis_order": options.slow_axis_order, "device": device}
+    spacing_from = properties.spacing_after_resampling
+    spacing_to = properties.spacing_canonical
+    crop = box_slices(properties.crop_bbox)
+    transform = properties.orientation
     # The result is allocated in the original orientation and filled through its canonical view,
     # so un-orienting costs no copy.
     original_shape = [0, 0, 0]
@@ -65,20 +66,20 @@ def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["labe
         original_shape[original_axis] = int(full_shape[canonical_axis])
     if kind == "label":
         if array.shape != shape_resampled:
-            raise ValueError(f"case {properties['case_id']}: label of shape {array.shape}, expected the "
+            raise ValueError(f"case {properties.case_id}: label of shape {array.shape}, expected the "
                              f"preprocessed shape {shape_resampled}")
         if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"case {properties['case_id']}: a label must be integers, got {array.dtype}")
+            raise ValueError(f"case {properties.case_id}: a label must be integers, got {array.dtype}")
         if array.size and array.min() < 0:
             array = np.maximum(array, 0)
-        order = options["label_order"] if order is None else order
+        order = options.label_order if order is None else order
         restored = resample_label(array, spacing_from, spacing_to, order=order, **common)
         out = np.full(original_shape, 0 if fill is None else fill, dtype=restored.dtype)
         to_canonical(out, transform)[crop] = restored
         del restored
     elif kind == "probabilities":
         if array.ndim != 4 or array.shape[1:] != shape_resampled:
-            raise ValueError(f"case {properties['case_id']}: probabilities of shape {array.shape}, "
+            raise ValueError(f"case {properties.case_id}: probabilities of shape {array.shape}, "
                              f"expected (K, *{shape_resampled})")
         channels = array.shape[0]
         if fill is None:
@@ -92,6 +93,6 @@ def restore_to_original(array: np.ndarray, properties: dict, kind: Literal["labe
                                out=to_canonical(out, transform)[(slice(None), *crop)], **common)
     else:
         raise ValueError(f"kind must be 'label' or 'probabilities', got {kind!r}")
-    if properties.get("is_2d"):
+    if properties.is_2d:
         out = out[..., 0, :, :]
     return out

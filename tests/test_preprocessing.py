@@ -257,8 +257,8 @@ def test_ct_case_clip_zscore_priors_and_seg_marker():
     result = preprocess_case(make_case(image, label), plan, "3d_fullres")
     props = result.properties
     body = nonzero_mask(image[None])
-    box = tuple(slice(a, b) for a, b in props["crop_bbox"])
-    assert result.image.shape == (4, *props["shape_after_crop"]) and result.image.dtype == np.float32
+    box = tuple(slice(a, b) for a, b in props.crop_bbox)
+    assert result.image.shape == (4, *props.shape_after_crop) and result.image.dtype == np.float32
     expected = (np.clip(image[box], -500, 300) - 20) / 150
     np.testing.assert_allclose(result.image[0], expected, atol=1e-5)
     assert result.image[0].min() == pytest.approx((-500 - 20) / 150)
@@ -267,7 +267,7 @@ def test_ct_case_clip_zscore_priors_and_seg_marker():
     lung = image[box] == -800
     assert lung.any() and result.image[1][lung].min() > 0.99 and result.image[3][lung].max() < 1e-6
     assert result.image[3][image[box] == 900].min() > 0.99
-    assert props["channels"] == ["CT", "prior_lung", "prior_soft_tissue", "prior_bone"]
+    assert props.channels == ["CT", "prior_lung", "prior_soft_tissue", "prior_bone"]
     assert result.label.dtype == np.int16
     np.testing.assert_array_equal(result.label == -1, ~body[box])  # background outside the body
     np.testing.assert_array_equal(np.maximum(result.label, 0), label[box])
@@ -279,7 +279,7 @@ def test_zscore_uses_the_nonzero_region_after_resampling():
     plan = make_plan(make_config((1.5, 0.7, 0.7), normalization=(norm,)), channels=("MR",))
     result = preprocess_case(make_case(np.abs(image) + 1 * (image != 0), label), plan, "3d_fullres")
     inside = result.label >= 0
-    assert result.image.shape[1:] == result.label.shape == tuple(result.properties["shape_after_resampling"])
+    assert result.image.shape[1:] == result.label.shape == tuple(result.properties.shape_after_resampling)
     assert abs(result.image[0][inside].mean()) < 1e-4 and abs(result.image[0][inside].std() - 1) < 1e-3
     assert not result.image[0][~inside].any()
 
@@ -291,11 +291,11 @@ def test_sidecar_has_the_documented_fields_and_is_json():
     for key in ("case_id", "source_files", "spacing", "origin", "direction", "shape", "orientation", "crop_bbox",
                 "shape_after_crop", "shape_after_resampling", "spacing_after_resampling", "class_locations",
                 "configuration_hash", "plan_hash"):
-        assert key in props, key
-    assert props["configuration_hash"] == configuration_hash(plan, "3d_fullres")
-    assert props["shape_after_resampling"] == [round(s * 2 / 1.5) if i == 0 else round(s / 0.8)
-                                               for i, s in enumerate(props["shape_after_crop"])]
-    assert json.loads(json.dumps(props)) == props
+        assert key in props.to_dict(), key
+    assert props.configuration_hash == configuration_hash(plan, "3d_fullres")
+    assert props.shape_after_resampling == [round(s * 2 / 1.5) if i == 0 else round(s / 0.8)
+                                            for i, s in enumerate(props.shape_after_crop)]
+    assert json.loads(json.dumps(props.to_dict())) == props.to_dict()
 
 
 def test_unlabelled_case_gives_the_same_image():
@@ -304,7 +304,7 @@ def test_unlabelled_case_gives_the_same_image():
                      channels=("MR",))
     labelled = preprocess_case(make_case(image, label, (2.0, 1.0, 1.0)), plan, "3d_fullres")
     unlabelled = preprocess_case(make_case(image, None, (2.0, 1.0, 1.0)), plan, "3d_fullres")
-    assert unlabelled.label is None and unlabelled.properties["class_locations"] == {}
+    assert unlabelled.label is None and unlabelled.properties.class_locations == {}
     np.testing.assert_array_equal(unlabelled.image, labelled.image)
 
 
@@ -315,7 +315,7 @@ def test_anisotropic_case_resamples_the_slow_axis_separately():
     none = ChannelNormalization("X", "none")
     plan = make_plan(make_config((2.0, 1.0, 1.0), normalization=(none,)), channels=("X",))
     result = preprocess_case(make_case(image, label, (5.0, 1.0, 1.0)), plan, "3d_fullres")
-    assert result.properties["resampling"]["slow_axis"] == 0
+    assert result.properties.resampling.slow_axis == 0
     assert result.image.shape == (1, 15, 16, 16)
     picks = np.minimum(((np.arange(15) + 0.5) * 6 / 15).astype(int), 5)
     np.testing.assert_array_equal(result.image[0], image[picks])  # whole slices, never blended
@@ -326,7 +326,7 @@ def test_2d_configuration_never_resamples_z_and_2d_cases_come_back_2d():
     image, label = blob_case(5)
     plan = make_plan(make_config((9.0, 0.8, 0.8), dim=2, name="2d", resampling=Resampling(label_order=0)))
     result = preprocess_case(make_case(image, label, (2.0, 1.0, 1.0)), plan, "2d")
-    assert result.image.shape[1] == result.properties["shape_after_crop"][0]
+    assert result.image.shape[1] == result.properties.shape_after_crop[0]
     image2d, label2d = image[6], label[6]
     case = CaseData("flat", image2d[None, None], label2d[None], (1.0, 1.0, 1.0), True,
                     Image(image2d, (1.0, 1.0), (), (1, 0, 0, -1)))
@@ -416,8 +416,8 @@ def test_restore_probabilities_fill_and_orientation():
     assert np.all(probabilities[0][outside] > 0.5)
     assert _dice(probabilities.argmax(0) == 1, stored_label == 1) > 0.9
     regions = restore_to_original(one_hot[1:], result.properties, "probabilities", fill=0.0)
-    box = result.properties["crop_bbox"]
-    if any(a > 0 or b < s for (a, b), s in zip(box, result.properties["shape_canonical"])):
+    box = result.properties.crop_bbox
+    if any(a > 0 or b < s for (a, b), s in zip(box, result.properties.shape_canonical)):
         assert regions.min() == 0.0
     with pytest.raises(ValueError, match="expected"):
         restore_to_original(one_hot[:, :-1], result.properties, "probabilities")
@@ -441,8 +441,8 @@ def test_preprocess_dataset_writes_the_documented_layout(work):
         assert manifest["raw_bytes_total"] == sum(os.path.getsize(p) for p in dataset.rglob("*.nii.gz"))
         image, seg, props = load_preprocessed_case(folder, "c1")
         assert isinstance(image, np.memmap) and image.dtype == np.float32 and seg.dtype == np.int16
-        assert image.shape == (1, *seg.shape) and list(seg.shape) == props["shape_after_resampling"]
-        assert props["source_files"]["label"].endswith("c1.nii.gz")
+        assert image.shape == (1, *seg.shape) and list(seg.shape) == props.shape_after_resampling
+        assert props.source_files["label"].endswith("c1.nii.gz")
         assert not [p for p in folder.iterdir() if p.name.startswith(".")]
     assert summaries["2d"].stored_bytes != summaries["3d_fullres"].stored_bytes  # z kept in 2d
 
@@ -493,7 +493,7 @@ def test_plan_change_is_detected_and_force_redoes_everything(work):
     folder = work_dir / "preprocessed" / "3d_fullres"
     assert json.loads((folder / MANIFEST).read_text())["configuration_hash"] == configuration_hash(changed, "3d_fullres")
     _, seg, props = load_preprocessed_case(folder, "c0")
-    assert props["spacing_after_resampling"] == [1.0, 1.0, 1.0] and seg.shape[0] > 12
+    assert props.spacing_after_resampling == [1.0, 1.0, 1.0] and seg.shape[0] > 12
 
 
 def test_dataset_location_comes_from_the_fingerprint_or_the_argument(work, tmp_path):
@@ -533,11 +533,11 @@ def test_end_to_end_with_the_planner_on_the_example_ct(tmp_path):
         assert image.shape[0] == 1 + len(config.ct_priors) == config.topology.in_channels
         assert low - 1e-5 <= image[0].min() and image[0].max() <= high + 1e-5  # clipped per the plan
         assert 0 <= image[1:].min() and image[1:].max() <= 1  # soft masks
-        assert props["spacing_after_resampling"] == pytest.approx(list(config.spacing))
+        assert props.spacing_after_resampling == pytest.approx(list(config.spacing))
         original = read_image(files.label).array
         restored = restore_to_original(np.asarray(seg), props, "label")
         assert restored.shape == original.shape
         for value in np.unique(original)[1:]:
             assert _dice(restored == value, original == value) > 0.85  # small lesions lose most
-        for value, points in props["class_locations"].items():
+        for value, points in props.class_locations.items():
             assert all(seg[tuple(p)] == int(value) for p in points[:50])

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from autoseg.cascade import one_hot, to_stage_grid
+from autoseg.case_properties import CaseProperties
 from autoseg.dataset import CaseFiles, DatasetError, load_case
 from autoseg.inference.model import TrainedModel
 from autoseg.io import Image, ImageReadError, write_like
@@ -62,8 +63,8 @@ def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, 
     return total
 
 
-def _cascade_channels(model: TrainedModel, previous_labels: np.ndarray, previous_properties: dict,
-                      properties: dict) -> np.ndarray:
+def _cascade_channels(model: TrainedModel, previous_labels: np.ndarray, previous_properties: CaseProperties,
+                      properties: CaseProperties) -> np.ndarray:
     """The previous stage's label map on this stage's grid, one-hot (:mod:`autoseg.cascade`)."""
     labels = to_stage_grid(previous_labels, previous_properties, properties, device=model.device)
     return one_hot(labels, model.label_info.cascade_values)
@@ -75,9 +76,9 @@ class PreparedCase:
 
     case: CaseFiles
     image: np.ndarray
-    properties: dict
+    properties: CaseProperties
     reference: Image
-    previous: list[tuple[np.ndarray, dict]] = field(default_factory=list)
+    previous: list[tuple[np.ndarray, CaseProperties]] = field(default_factory=list)
 
 
 @dataclass
@@ -136,7 +137,7 @@ class CasePipeline:
         probabilities = predict_preprocessed(self.model, image, self.step, self.tta, progress=self.progress)
         if self.crf_params is not None:
             probabilities = crf_refine(probabilities, image[: self.model.base_channels], self.model.activation,
-                                       self.crf_params, prepared.properties["spacing_after_resampling"],
+                                       self.crf_params, prepared.properties.spacing_after_resampling,
                                        in_plane_only=self.model.configuration.dim == 2)
         labels = self.model.label_info.decode(probabilities)
         saved = None

@@ -33,6 +33,7 @@ from batchgenerators.dataloading.data_loader import DataLoader
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
+from autoseg.case_properties import CaseProperties, load_case_properties
 from autoseg.errors import AutosegError
 from autoseg.training.labels import LabelInfo
 from autoseg.utils import read_json
@@ -97,12 +98,9 @@ class PreprocessedDataset:
         path = self.folder / "manifest.json"
         return dict(read_json(path)) if path.exists() else {}  # type: ignore[arg-type]
 
-    def properties(self, case_id: str) -> dict:
+    def properties(self, case_id: str) -> CaseProperties:
         """The sidecar of a case."""
-        data = read_json(self.folder / f"{case_id}.json")
-        if not isinstance(data, dict):
-            raise ValueError(f"{self.folder / (case_id + '.json')}: sidecar must be a JSON object")
-        return data
+        return load_case_properties(self.folder / f"{case_id}.json")
 
     def load(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Memory-mapped ``(image (C, Z, Y, X) float32, seg (Z, Y, X) int)`` of a case."""
@@ -121,10 +119,7 @@ class PreprocessedDataset:
         cached = self._locations.get(case_id)
         if cached is not None:
             return cached
-        path = self.folder / f"{case_id}.json"
-        raw = self.properties(case_id).get("class_locations")
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: sidecar has no \"class_locations\" object")
+        raw = self.properties(case_id).class_locations
         out: dict[int, np.ndarray] = {}
         for key, coordinates in raw.items():
             array = np.asarray(coordinates, dtype=np.int64).reshape(-1, 3) if len(coordinates) else None

@@ -120,7 +120,7 @@ def prepare_previous_stage(work: WorkDir, plan: Plan, configuration: Configurati
                         disable=not progress or not todo, leave=False):
         label_map = np.load(sources[case_id], allow_pickle=False)
         target = dataset.properties(case_id)
-        expected = tuple(target["shape_after_resampling"])
+        expected = tuple(target.shape_after_resampling)
         _, reference = dataset.load(case_id)
         if tuple(reference.shape) != expected:
             raise TrainingError(f"{dataset.folder / case_id}.json: shape_after_resampling {list(expected)} differs "

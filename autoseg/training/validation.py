@@ -96,7 +96,7 @@ def summarize_validation(dataset: PreprocessedDataset, case_ids: Sequence[str], 
         _, reference = dataset.load(case_id)
         reference = np.where(np.asarray(reference) < 0, 0, reference)  # -1: background outside the mask
         # the case's own grid spacing when preprocessing recorded it (2D cases keep their z spacing)
-        case_spacing = tuple(dataset.properties(case_id).get("spacing_after_resampling", spacing))
+        case_spacing = tuple(dataset.properties(case_id).spacing_after_resampling)
         if reference.shape[0] == 1:  # a 2D case: its metrics are 2D (z has no neighbours to border)
             prediction, reference, case_spacing = prediction[0], reference[0], case_spacing[1:]
         rows += evaluation.evaluate_case(prediction, reference, case_spacing, selected, case_id,
