@@ -12,7 +12,6 @@ from test_training_support import cube_cases, make_work, tiny_plan
 
 import autoseg.precision as precision
 from autoseg.errors import AutosegError
-from autoseg.sliding_window import sliding_window_predict
 from autoseg.precision import (
     PrecisionError,
     autocast,
@@ -21,6 +20,7 @@ from autoseg.precision import (
     resolve_compile,
     resolve_precision,
 )
+from autoseg.sliding_window import sliding_window_predict
 from autoseg.training import TrainingError, train
 from autoseg.training.checkpoint import load_checkpoint
 
