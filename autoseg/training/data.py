@@ -35,6 +35,7 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 
 from autoseg.case_properties import CaseProperties, load_case_properties
 from autoseg.errors import AutosegError
+from autoseg.training.augment.on_device import deferred_batch
 from autoseg.training.labels import LabelInfo
 from autoseg.utils import read_json
 
@@ -62,6 +63,8 @@ class Augmentation(Protocol):
     """What the loader needs from :func:`autoseg.training.augment.build_augmentation`'s result."""
 
     def input_patch_size(self, patch_size: Sequence[int]) -> tuple[int, ...]: ...
+
+    def sample_batch(self, data: np.ndarray, seg: np.ndarray, rng: np.random.Generator) -> list[dict]: ...
 
     def __call__(self, data: np.ndarray, seg: np.ndarray,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict]]: ...
@@ -203,13 +206,17 @@ class PatchLoader(DataLoader):
         seed, stream, rank: identify the random stream (see the module docstring).
         start_batch: index of the first batch this loader produces (resume).
         as_tensors: return torch tensors (so the augmenter can pin them for CUDA).
+        spatial_on_device: leave the augmentation's application to the training device: batches
+            carry the input-size patches, their raw labels and the sampled parameters, and
+            :func:`autoseg.training.augment.on_device.apply_deferred` finishes them (the same
+            parameters as without the option; for few CPU cores feeding a fast GPU).
     """
 
     def __init__(self, dataset: PreprocessedDataset, case_ids: Sequence[str], patch_size: Sequence[int],
                  batch_size: int, label_info: LabelInfo, *, oversample_foreground: float = 0.33,
                  augmentation: Augmentation | None = None, previous_stage: PreviousStageInput | None = None,
                  seed: int = 0, stream: int = TRAIN_STREAM, rank: int = 0, start_batch: int = 0,
-                 as_tensors: bool = False) -> None:
+                 as_tensors: bool = False, spatial_on_device: bool = False) -> None:
         super().__init__(list(case_ids), batch_size, num_threads_in_multithreaded=1, infinite=True,
                          shuffle=False, return_incomplete=False)
         if not case_ids:
@@ -229,6 +236,7 @@ class PatchLoader(DataLoader):
         self.seed, self.stream, self.rank = seed, stream, rank
         self.start_batch = start_batch
         self.as_tensors = as_tensors
+        self.spatial_on_device = spatial_on_device
         self.catch_errors = False  # set by BatchStream for background workers
         self._produced = 0
         self._worker_ready = False
@@ -277,6 +285,11 @@ class PatchLoader(DataLoader):
         data_array = np.stack(data).astype(np.float32, copy=False)
         seg_array = np.stack(seg)[:, None].astype(np.int16, copy=False)
         try:
+            if self.augmentation is not None and self.spatial_on_device:
+                # the same draws as below; the device resamples the whole batch at once
+                params = self.augmentation.sample_batch(data_array, seg_array, rng)
+                deferred = deferred_batch(data_array, seg_array, params, self.label_info, self.as_tensors)
+                return {**deferred, "keys": keys, "index": index}
             if self.augmentation is not None:
                 data_array, seg_array, _ = self.augmentation(data_array, seg_array, rng)
             target = self.label_info.encode(seg_array)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy import optimize
 
+from autoseg.plan import is_dummy_2d_patch
 from autoseg.training.augment.base import (
     ExactTransform,
     Transform,
@@ -31,19 +32,14 @@ from autoseg.training.augment.base import (
     short_number,
 )
 
-ANISOTROPY_THRESHOLD = 3.0  # nnU-Net: a 3D patch this elongated is augmented slice-wise ("dummy 2D")
-
-
 # --- geometry rules ----------------------------------------------------------------------------------
 
 
 def is_dummy_2d(patch_size: tuple[int, ...], option: bool | None) -> bool:
-    """Whether a patch is augmented slice-wise: the option if set, else nnU-Net's anisotropy rule."""
+    """Whether a patch is augmented slice-wise: the option if set (3D only), else nnU-Net's rule."""
     if len(patch_size) != 3:
         return False
-    if option is not None:
-        return option
-    return max(patch_size) / patch_size[0] > ANISOTROPY_THRESHOLD
+    return option if option is not None else is_dummy_2d_patch(patch_size)
 
 
 def rotation_limit(patch_size: tuple[int, ...], dummy_2d: bool, option: float | None) -> float:
@@ -144,21 +140,23 @@ def _rotation_matrices(angles: np.ndarray, dim: int, axes: tuple[int, ...]) -> n
     return result
 
 
-def input_coordinates(op: dict, input_shape: Sequence[int], output_shape: Sequence[int]) -> torch.Tensor:
+def input_coordinates(op: dict, input_shape: Sequence[int], output_shape: Sequence[int],
+                      device: torch.device | None = None) -> torch.Tensor:
     """Input voxel coordinates ``(dim, *output_shape)`` that a ``spatial`` op samples.
 
     ``input = centre_in + R diag(scale) (output - centre_out) + elastic(output)``, with the centres
-    chosen so that the identity transform reproduces the centred crop voxel for voxel.
+    chosen so that the identity transform reproduces the centred crop voxel for voxel. Computed on
+    ``device`` (default the CPU): :mod:`.on_device` builds the grids where it resamples.
     """
     out = np.asarray(output_shape, dtype=np.int64)
     dim = len(out)
     half = (out - 1) / 2.0
     centre_in = (np.asarray(input_shape) - out) // 2 + half
     affine = rotation_matrix(op["rotation_deg"]) @ np.diag(op["scale"])
-    offsets = [torch.arange(n, dtype=torch.float32) - float(h) for n, h in zip(out, half)]
-    coordinates = torch.empty((dim, *out.tolist()), dtype=torch.float32)
+    offsets = [torch.arange(n, dtype=torch.float32, device=device) - float(h) for n, h in zip(out, half)]
+    coordinates = torch.empty((dim, *out.tolist()), dtype=torch.float32, device=device)
     for k in range(dim):
-        total = torch.full((1,) * dim, float(centre_in[k]))
+        total = torch.full((1,) * dim, float(centre_in[k]), device=device)
         for j in range(dim):
             if affine[k, j] != 0.0:
                 shape = [1] * dim
@@ -166,10 +164,19 @@ def input_coordinates(op: dict, input_shape: Sequence[int], output_shape: Sequen
                 total = total + offsets[j].reshape(shape) * float(affine[k, j])
         coordinates[k] = total.expand(*out.tolist())
     if op.get("elastic"):
-        coarse = torch.tensor(op["elastic"]["grid"], dtype=torch.float32)[None]
+        coarse = torch.tensor(op["elastic"]["grid"], dtype=torch.float32, device=device)[None]
         mode = "bilinear" if dim == 2 else "trilinear"
         coordinates += F.interpolate(coarse, size=tuple(out.tolist()), mode=mode, align_corners=True)[0]
     return coordinates
+
+
+def sampling_grid(coordinates: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
+    """``grid_sample``'s grid ``(*output_shape, dim)`` for input voxel ``coordinates`` ``(dim, *output_shape)``
+    into an array of spatial shape ``input_shape``."""
+    # grid_sample wants [-1, 1] coordinates (align_corners=True: -1 and 1 are the outer voxel
+    # centres) with the last axis in x, y, z order
+    scale = torch.tensor([2.0 / (s - 1) if s > 1 else 0.0 for s in input_shape], device=coordinates.device)
+    return (coordinates * scale.reshape(-1, *(1,) * (coordinates.ndim - 1)) - 1.0).flip(0).movedim(0, -1)
 
 
 def _grid_sample(array: np.ndarray, grid: torch.Tensor, mode: str) -> np.ndarray:
@@ -271,11 +278,7 @@ class Spatial(Transform):
         block = (slice(None),) + tuple(slice(a, b) for a, b in zip(starts, stops))
         image, seg_block = image[block], seg[block]
         coordinates -= torch.tensor(starts, dtype=torch.float32).reshape(-1, *(1,) * len(output_shape))
-        in_shape = image.shape[1:]
-        # grid_sample wants [-1, 1] coordinates (align_corners=True: -1 and 1 are the outer voxel
-        # centres) with the last axis in x, y, z order
-        scale = torch.tensor([2.0 / (s - 1) if s > 1 else 0.0 for s in in_shape]).reshape(-1, *(1,) * len(output_shape))
-        grid = (coordinates * scale - 1.0).flip(0).movedim(0, -1)[None]
+        grid = sampling_grid(coordinates, image.shape[1:])[None]
         nearest = [int(c) for c in op.get("nearest_channels", ())]
         if not nearest:
             out_image = _grid_sample(image, grid, "bilinear")
