@@ -8,7 +8,7 @@ name added there and not here fails a test rather than going missing from the co
 
 from __future__ import annotations
 
-# autoseg.plan.CONFIGURATION_NAMES, in the order the planner writes them
+# the configurations, in the order the planner writes them (autoseg.plan uses this tuple)
 CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 # the planner's presets (autoseg.planning.PRESETS): nnU-Net's residual-encoder sizes for 8, 24 and
@@ -18,7 +18,7 @@ PLAN_PRESET_NAMES = ("resenc-m", "resenc-l", "resenc-xl", "cpu")
 # the architectures autoseg.networks registers itself (plugins may register more in-process)
 NETWORK_NAMES = ("attention_unet", "resenc", "unet", "unetpp", "vnet")
 
-# autoseg.training.losses.LOSS_NAMES
+# the losses autoseg.training.losses builds (it uses this tuple)
 LOSS_NAMES = ("dice_ce", "dice", "ce", "focal", "dice_focal")
 
 # autoseg.training.augment.PRESETS

@@ -24,13 +24,15 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, PositiveInt, TypeAdapter
 from pydantic.dataclasses import dataclass
 
+from autoseg.constants import (
+    CONFIGURATION_NAMES as CONFIGURATION_NAMES,  # re-exported: one home, light for the CLI
+)
 from autoseg.errors import AutosegError
 from autoseg.labels import LabelInfo
 from autoseg.utils import atomic_write_json, read_model_file, sha256_of_json, validate_model
 
 # 2: the cascade is its own configuration (3d_cascade_fullres) instead of a flag on 3d_fullres
 SCHEMA_VERSION = 2
-CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 NormalizationScheme = Literal["ct", "zscore", "none", "rescale01"]
 # nnU-Net: a 3D patch whose longest edge is more than this many times its z edge is augmented
 # slice-wise ("dummy 2D"). A ratio of patch edges in voxels, unlike Resampling.anisotropy_threshold

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from autoseg.constants import LOSS_NAMES
 from autoseg.plan import Schedule, Topology, deep_supervision_weights
 from autoseg.training.errors import TrainingError
 from autoseg.training.labels import IGNORE_INDEX, LabelInfo
 
-LOSS_NAMES = ("dice_ce", "dice", "ce", "focal", "dice_focal")
 LOSS_OPTIONS = {
     "batch_dice": "pool Dice statistics over the batch (default: True for 2D, False for 3D)",
     "smooth": "Dice smoothing term (default 1e-5)",
