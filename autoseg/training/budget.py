@@ -83,6 +83,11 @@ class BudgetFit:
     validation_iterations: int
 
 
+def _training_seconds(seconds_left: float, final_validation_seconds: float) -> float:
+    """What the training may spend: the time left, less the safety margin and the final validation."""
+    return max(0.0, seconds_left * SAFETY - final_validation_seconds)
+
+
 def fit_schedule(seconds_left: float, seconds_per_iteration: float, plan_epochs: int, plan_iterations: int,
                  validation_iterations: int, final_validation_seconds: float, done_epochs: int = 0,
                  done_iterations: int = 0, min_epochs: int = MIN_EPOCHS) -> BudgetFit:
@@ -94,7 +99,7 @@ def fit_schedule(seconds_left: float, seconds_per_iteration: float, plan_epochs:
     """
     if not seconds_per_iteration > 0:
         raise ValueError(f"seconds_per_iteration must be > 0, got {seconds_per_iteration}")
-    usable = max(0.0, seconds_left * SAFETY - final_validation_seconds)
+    usable = _training_seconds(seconds_left, final_validation_seconds)
     validation_share = validation_iterations / plan_iterations * FORWARD_SHARE
     epochs_left = max(1, plan_epochs - done_epochs)
     total = done_iterations + int(usable / (seconds_per_iteration * (1 + validation_share)))
@@ -117,7 +122,7 @@ def refit_epochs(seconds_left: float, epoch_seconds: Sequence[float], done_epoch
         return plan_epochs
     times.sort()
     per_epoch = times[len(times) // 2]
-    usable = max(0.0, seconds_left * SAFETY - final_validation_seconds)
+    usable = _training_seconds(seconds_left, final_validation_seconds)
     return max(done_epochs, min(plan_epochs, done_epochs + int(usable / per_epoch)))
 
 
