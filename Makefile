@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml Makefile
 		$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" \
 		|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,onnx,dicom,distributed]"
 	@touch $(STAMP)
 
 test: install
