@@ -22,14 +22,24 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from autoseg.errors import AutosegError
 from autoseg.io import SUPPORTED_ENDINGS, Image, read_image
-from autoseg.labels import LabelError, LabelInfo, declared_values
+from autoseg.labels import LabelInfo, declared_values
 from autoseg.utils import atomic_write_json
 
 DATASET_JSON = "dataset.json"
@@ -60,18 +70,127 @@ class DatasetError(AutosegError):
 label_values_of = declared_values
 
 
-@dataclass(frozen=True)
-class DatasetJson:
-    """A parsed and checked ``dataset.json``."""
+LabelValue = int | tuple[int, ...]
 
-    channel_names: dict[str, str]
-    labels: dict[str, int | tuple[int, ...]]
-    num_training: int
+
+def _label_values(name: str, value: object) -> LabelValue:
+    """One entry of ``labels``: a value, or a list of values (a region); a one-element list is a value."""
+    if _is_int(value) and value >= 0:
+        return value
+    if isinstance(value, list | tuple) and value and all(_is_int(v) and v >= 0 for v in value):
+        return value[0] if len(value) == 1 else tuple(value)
+    raise ValueError(f"label {name!r} must be a non-negative integer or a list of them, found {value!r}")
+
+
+class DatasetJson(BaseModel):
+    """A parsed and checked ``dataset.json``: a frozen pydantic model.
+
+    The field validators below say, in words that name the key, why a value is wrong; every
+    problem of every key is reported at once (:func:`parse_dataset_json`). Keys autoseg does not
+    use (``licence``, ``numTest``, ...) are kept in :attr:`extra` and written back unchanged.
+
+    >>> DatasetJson.model_validate({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
+    ...                             "numTraining": 4, "file_ending": ".nii.gz"}).foreground_labels
+    {'liver': 1}
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow", populate_by_name=True)
+
+    # nnU-Net v1 called the channels "modality"; its datasets still carry that key
+    channel_names: dict[str, str] = Field(validation_alias=AliasChoices("channel_names", "modality"))
+    labels: dict[str, LabelValue]
+    num_training: int = Field(alias="numTraining")
     file_ending: str
     regions_class_order: tuple[int, ...] | None = None
     name: str = ""
     description: str = ""
-    extra: dict = field(default_factory=dict)
+
+    @field_validator("channel_names", mode="before")
+    @classmethod
+    def _check_channel_names(cls, value: object) -> dict[str, str]:
+        if not isinstance(value, dict) or not value:
+            raise _problems(f'"channel_names" must be a non-empty object like {{"0": "CT"}}, found {value!r}')
+        problems, names = [], {}
+        for key, name in value.items():
+            if not str(key).isdigit():
+                problems.append(f'"channel_names" key {key!r} is not a channel index ("0", "1", ...)')
+            elif not isinstance(name, str) or not name.strip():
+                problems.append(f'"channel_names"[{key!r}] must be a non-empty string, found {name!r}')
+            else:
+                names[str(int(key))] = name
+        indices = sorted(int(k) for k in names)
+        if indices and indices != list(range(len(indices))):
+            problems.append(f'"channel_names" indices must be 0..{len(indices) - 1} without gaps, found {indices}')
+        if problems:
+            raise _problems(*problems)
+        return names
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _check_labels(cls, value: object) -> dict[str, LabelValue]:
+        if not isinstance(value, dict) or not value:
+            raise _problems(f'"labels" must be a non-empty object of name -> value, found {value!r}')
+        problems, labels = [], {}
+        for name, values in value.items():
+            try:
+                labels[name] = _label_values(name, values)
+            except ValueError as error:
+                problems.append(str(error))
+        if labels.get("background") != 0:
+            problems.append('"labels" must contain "background": 0')
+        plain = [v for k, v in labels.items() if isinstance(v, int) and k != "ignore"]
+        if len(plain) != len(set(plain)):
+            problems.append(f'"labels" values must be unique, found {sorted(plain)}')
+        if isinstance(labels.get("ignore"), tuple):  # its voxels are left out: one value, not a region
+            problems.append(f'label "ignore" must be a single value, found {list(labels["ignore"])}')
+        if problems:
+            raise _problems(*problems)
+        return labels
+
+    @field_validator("num_training", mode="before")
+    @classmethod
+    def _check_num_training(cls, value: object) -> int:
+        if not _is_int(value) or value < 1:
+            raise _problems(f'"numTraining" must be a positive integer, found {value!r}')
+        return value
+
+    @field_validator("file_ending", mode="before")
+    @classmethod
+    def _check_file_ending(cls, value: object) -> str:
+        if not isinstance(value, str) or not value.startswith("."):
+            raise _problems(f'"file_ending" must be a string like ".nii.gz", found {value!r}')
+        if value.lower() not in SUPPORTED_ENDINGS:
+            raise _problems(f'"file_ending" {value!r} is not supported; use one of {" ".join(SUPPORTED_ENDINGS)}')
+        return value
+
+    @field_validator("regions_class_order", mode="before")
+    @classmethod
+    def _check_regions_class_order(cls, value: object) -> object:
+        if value is not None and (not isinstance(value, list | tuple) or not all(_is_int(v) for v in value)):
+            raise _problems(f'"regions_class_order" must be a list of integers, found {value!r}')
+        return value
+
+    @field_validator("name", "description", mode="before")
+    @classmethod
+    def _as_text(cls, value: object) -> str:
+        return str(value)
+
+    @model_validator(mode="after")
+    def _check_regions(self) -> DatasetJson:
+        info = LabelInfo.from_labels(self.labels)
+        if self.regions_class_order is None and info.is_regions:
+            raise _problems('"labels" defines overlapping regions (lists of values) but "regions_class_order" '
+                            "is missing")
+        if self.regions_class_order is not None and info.is_regions \
+                and len(self.regions_class_order) != info.num_outputs:
+            raise _problems(f'"regions_class_order" has {len(self.regions_class_order)} entries but there are '
+                            f"{info.num_outputs} regions")
+        return self
+
+    @property
+    def extra(self) -> dict:
+        """The keys of ``dataset.json`` autoseg does not use, as read."""
+        return dict(self.model_extra or {})
 
     @property
     def num_channels(self) -> int:
@@ -96,7 +215,7 @@ class DatasetJson:
         return self.label_info.ignore_value
 
     @property
-    def foreground_labels(self) -> dict[str, int | tuple[int, ...]]:
+    def foreground_labels(self) -> dict[str, LabelValue]:
         """Labels (or regions) to learn: everything but background and ignore."""
         return self.label_info.classes
 
@@ -106,20 +225,24 @@ class DatasetJson:
         return declared_values(self.labels)
 
     def to_dict(self) -> dict:
-        out = dict(self.extra)
-        out.update({
-            "channel_names": dict(self.channel_names),
-            "labels": {k: list(v) if isinstance(v, tuple) else v for k, v in self.labels.items()},
-            "numTraining": self.num_training,
-            "file_ending": self.file_ending,
-        })
-        if self.regions_class_order is not None:
-            out["regions_class_order"] = list(self.regions_class_order)
-        if self.name:
-            out["name"] = self.name
-        if self.description:
-            out["description"] = self.description
+        """The JSON form, nnU-Net's key names; unused keys kept, empty optional ones left out."""
+        out = self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        out["labels"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.labels.items()}
         return out
+
+
+# Missing keys, in words with an example of what belongs there.
+_MISSING = {
+    "channel_names": 'missing key "channel_names" (for example {"0": "CT"})',
+    "labels": 'missing key "labels" (for example {"background": 0, "liver": 1})',
+    "numTraining": 'missing key "numTraining" (the number of training cases)',
+    "file_ending": 'missing key "file_ending" (for example ".nii.gz")',
+}
+
+
+def _problems(*messages: str) -> PydanticCustomError:
+    """A validation error carrying sentences for the user (one per problem found in one key)."""
+    return PydanticCustomError("dataset_json", "{problems}", {"problems": "\n".join(messages)})
 
 
 def _is_int(value: object) -> bool:
@@ -127,104 +250,29 @@ def _is_int(value: object) -> bool:
 
 
 def parse_dataset_json(data: object, source: str = DATASET_JSON) -> tuple[DatasetJson | None, list[str]]:
-    """Check a loaded ``dataset.json``; return the model (or None) and every problem found."""
-    problems: list[str] = []
+    """Check a loaded ``dataset.json``; return the model (or None) and every problem found.
 
-    def bad(message: str) -> None:
-        problems.append(f"{source}: {message}")
+    Each problem starts with ``source``:
 
+    >>> parse_dataset_json({"channel_names": {"0": "CT"}, "labels": {"liver": 1}, "numTraining": 2,
+    ...                     "file_ending": ".nii.gz"}, "data/dataset.json")[1]
+    ['data/dataset.json: "labels" must contain "background": 0']
+    """
     if not isinstance(data, dict):
-        bad(f"must be a JSON object, found {type(data).__name__}")
-        return None, problems
-
-    channels_raw = data.get("channel_names", data.get("modality"))
-    channel_names: dict[str, str] = {}
-    if channels_raw is None:
-        bad('missing key "channel_names" (for example {"0": "CT"})')
-    elif not isinstance(channels_raw, dict) or not channels_raw:
-        bad(f'"channel_names" must be a non-empty object like {{"0": "CT"}}, found {channels_raw!r}')
-    else:
-        for key, value in channels_raw.items():
-            if not str(key).isdigit():
-                bad(f'"channel_names" key {key!r} is not a channel index ("0", "1", ...)')
-            elif not isinstance(value, str) or not value.strip():
-                bad(f'"channel_names"[{key!r}] must be a non-empty string, found {value!r}')
-            else:
-                channel_names[str(int(key))] = value
-        indices = sorted(int(k) for k in channel_names)
-        if indices and indices != list(range(len(indices))):
-            bad(f'"channel_names" indices must be 0..{len(indices) - 1} without gaps, found {indices}')
-
-    labels: dict[str, int | tuple[int, ...]] = {}
-    labels_raw = data.get("labels")
-    if labels_raw is None:
-        bad('missing key "labels" (for example {"background": 0, "liver": 1})')
-    elif not isinstance(labels_raw, dict) or not labels_raw:
-        bad(f'"labels" must be a non-empty object of name -> value, found {labels_raw!r}')
-    else:
-        for name, value in labels_raw.items():
-            if _is_int(value) and value >= 0:
-                labels[name] = value
-            elif (isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value)):
-                labels[name] = value[0] if len(value) == 1 else tuple(value)
-            else:
-                bad(f'label {name!r} must be a non-negative integer or a list of them, found {value!r}')
-        if labels and labels.get("background") != 0:
-            bad('"labels" must contain "background": 0')
-        plain = [v for k, v in labels.items() if isinstance(v, int) and k != "ignore"]
-        if len(plain) != len(set(plain)):
-            bad(f'"labels" values must be unique, found {sorted(plain)}')
-        if isinstance(labels.get("ignore"), tuple):  # its voxels are left out: one value, not a region
-            bad(f'label "ignore" must be a single value, found {list(labels["ignore"])}')
-            del labels["ignore"]
-
-    regions_order = data.get("regions_class_order")
+        return None, [f"{source}: must be a JSON object, found {type(data).__name__}"]
     try:
-        info: LabelInfo | None = LabelInfo.from_labels(labels) if labels else None
-    except LabelError:  # nothing to learn: the problem with "background" is reported above
-        info = None
-    has_regions = info is not None and info.is_regions
-    regions_class_order: tuple[int, ...] | None = None
-    if regions_order is not None:
-        if not isinstance(regions_order, list) or not all(_is_int(v) for v in regions_order):
-            bad(f'"regions_class_order" must be a list of integers, found {regions_order!r}')
-        else:
-            regions_class_order = tuple(regions_order)
-            n_regions = info.num_outputs if info is not None else 0
-            if has_regions and len(regions_class_order) != n_regions:
-                bad(f'"regions_class_order" has {len(regions_class_order)} entries but there are '
-                    f"{n_regions} regions")
-    elif has_regions:
-        bad('"labels" defines overlapping regions (lists of values) but "regions_class_order" is missing')
-
-    num_training = data.get("numTraining")
-    if num_training is None:
-        bad('missing key "numTraining" (the number of training cases)')
-    elif not _is_int(num_training) or num_training < 1:
-        bad(f'"numTraining" must be a positive integer, found {num_training!r}')
-
-    ending = data.get("file_ending")
-    if ending is None:
-        bad('missing key "file_ending" (for example ".nii.gz")')
-    elif not isinstance(ending, str) or not ending.startswith("."):
-        bad(f'"file_ending" must be a string like ".nii.gz", found {ending!r}')
-    elif ending.lower() not in SUPPORTED_ENDINGS:
-        bad(f'"file_ending" {ending!r} is not supported; use one of {" ".join(SUPPORTED_ENDINGS)}')
-
-    if problems:
-        return None, problems
-    known = {"channel_names", "modality", "labels", "numTraining", "file_ending", "regions_class_order",
-             "name", "description"}
-    return DatasetJson(
-        channel_names=channel_names,
-        labels=labels,
-        num_training=int(num_training),
-        file_ending=ending,
-        regions_class_order=regions_class_order,
-        name=str(data.get("name", "")),
-        description=str(data.get("description", "")),
-        extra={k: v for k, v in data.items() if k not in known},
-    ), []
+        return DatasetJson.model_validate(data), []
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            if item["type"] == "missing":
+                key = str(item["loc"][0])
+                problems.append(_MISSING.get(key, f'missing key "{key}"'))
+            elif item["type"] == "dataset_json":
+                problems.extend(item["ctx"]["problems"].split("\n"))
+            else:  # a pydantic check of its own, such as a wrong type of "name"
+                problems.append(f"{'.'.join(map(str, item['loc'])) or '(top level)'}: {item['msg']}")
+        return None, [f"{source}: {problem}" for problem in problems]
 
 
 def load_dataset_json(path: str | os.PathLike) -> DatasetJson:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import autoseg.dataset
 from autoseg.dataset import (
     CaseFiles,
     DatasetError,
@@ -301,3 +303,19 @@ def test_load_case_shape_mismatch_names_the_file(make_dataset):
     with pytest.raises(DatasetError, match=r"label shape \(3, 8, 8\) differs") as caught:
         load_case(case)
     assert caught.value.problems[0].startswith(str(case.label))
+
+
+def test_examples_in_the_docstrings_run() -> None:
+    result = doctest.testmod(autoseg.dataset)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_dataset_json_round_trips_with_unknown_keys_kept() -> None:
+    data = with_changes(licence="CC-BY", numTest=2, name="Prostate",
+                        labels={"background": 0, "whole": [1, 2], "core": 2}, regions_class_order=[1, 2])
+    model, problems = parse_dataset_json(data)
+    assert problems == []
+    assert model.extra == {"licence": "CC-BY", "numTest": 2}
+    assert model.labels["whole"] == (1, 2) and model.regions_class_order == (1, 2)
+    assert model.to_dict() == data
+    assert parse_dataset_json(model.to_dict())[0] == model
