@@ -66,6 +66,7 @@ from autoseg.precision import (
 )
 from autoseg.training import monitor
 from autoseg.training.augment import build_augmentation
+from autoseg.training.augment.on_device import apply_deferred
 from autoseg.training.budget import TimeBudget, approximate_tiles, format_duration, sliding_window_seconds
 from autoseg.training.checkpoint import (
     CHECKPOINT_BEST,
@@ -511,12 +512,23 @@ def _streams(run: _Run, workers: int) -> tuple[BatchStream, BatchStream]:
                   label_info=run.label_info, oversample_foreground=schedule.oversample_foreground,
                   previous_stage=run.previous_stage, seed=schedule.seed, rank=context.rank)
     train_loader = PatchLoader(run.dataset, run.train_cases, augmentation=augmentation, stream=TRAIN_STREAM,
-                               start_batch=run.progress.train_batches, **common)  # type: ignore[arg-type]
+                               start_batch=run.progress.train_batches,
+                               spatial_on_device=spatial_augmentation_on_device(context.device),
+                               **common)  # type: ignore[arg-type]
     val_loader = PatchLoader(run.dataset, run.val_cases, augmentation=None, stream=VALIDATION_STREAM,
                              start_batch=run.progress.val_batches, **common)  # type: ignore[arg-type]
     pin = context.device.type == "cuda"
     val_workers = max(1, workers // 2) if workers else 0
     return BatchStream(train_loader, workers, pin), BatchStream(val_loader, val_workers, pin)
+
+
+def spatial_augmentation_on_device(device: torch.device) -> bool:
+    """Whether the training device resamples the augmented batches (:mod:`.augment.on_device`).
+
+    On a GPU: resampling every sample on a few CPU cores is what leaves a fast GPU waiting for
+    data. On the CPU the workers already run beside the network, so they keep the work.
+    """
+    return device.type == "cuda"
 
 
 def _augmentation(configuration: Configuration) -> Any:
@@ -565,9 +577,8 @@ def _train_epoch(run: _Run, stream: BatchStream, show_progress: bool) -> None:
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    data, target = (torch.as_tensor(batch[k]) for k in ("data", "target"))
-    non_blocking = device.type == "cuda"
-    return data.to(device, non_blocking=non_blocking), target.to(device, non_blocking=non_blocking)
+    # a finished batch is only moved; a deferred one gets its spatial augmentation there
+    return apply_deferred(batch, device)
 
 
 def _train_step(run: _Run, batch: Mapping[str, Any]) -> float:
