@@ -25,7 +25,7 @@ LOSS_NAMES = ("dice_ce", "dice", "ce", "focal", "dice_focal")
 AUGMENTATION_PRESET_NAMES = ("default", "medical", "light", "none")
 
 # autoseg.examples.EXAMPLE_KINDS
-EXAMPLE_KIND_NAMES = ("ct", "mri", "2d")
+EXAMPLE_KIND_NAMES = ("ct", "mri", "2d", "xray")
 
 # autoseg evaluate
 DEFAULT_TOLERANCE_MM = 1.0

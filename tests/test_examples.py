@@ -28,7 +28,7 @@ from autoseg.examples import (
 )
 from autoseg.io import read_image
 
-KINDS = ("ct", "mri", "2d")
+KINDS = ("ct", "mri", "2d", "xray")
 NUM_CASES = 3
 # One core shared with others: generous, but far below what a per-voxel Python loop would take.
 MAX_SECONDS = 30.0
@@ -83,7 +83,7 @@ def test_generates_quickly_and_loads(kind: str, datasets, loaded) -> None:
         assert case.image.dtype == np.float32 and case.image.shape[0] == len(spec.channel_names)
         assert case.label.shape == case.image.shape[1:]
         assert set(np.unique(case.label)) <= dataset.label_values
-        assert case.is_2d == (kind == "2d")
+        assert case.is_2d == (kind in ("2d", "xray"))
     # No test split was asked for, so no test folders.
     assert not (folder / "imagesTs").exists() and not (folder / "labelsTs").exists()
 
@@ -359,3 +359,39 @@ def test_undeformed_ellipsoid_has_the_analytic_volume(radii: tuple[float, ...], 
     deformed = deformed_ellipsoid(np.random.default_rng(0), axes, (0.5, -1.0, 2.0), radii, 0.1, 6.0, angle)
     assert deformed.sum() == pytest.approx(mask.sum(), rel=0.35) and not np.array_equal(deformed, mask)
     assert not deformed_ellipsoid(np.random.default_rng(0), axes, (90.0, 0.0, 0.0), radii).any()
+
+
+# --- X-ray ---------------------------------------------------------------------------------------------
+
+
+def test_xray_is_a_projection_with_dense_structures_bright(datasets, loaded) -> None:
+    xray = load_dataset_json(datasets["xray"][0])
+    assert xray.channel_list == ["X-ray"] and xray.file_ending == ".png"
+    assert xray.labels == {"background": 0, "right_lung": 1, "left_lung": 2, "heart": 3, "clavicles": 4}
+    for case, files in zip(loaded["xray"], training_cases(datasets["xray"][0])):
+        stored = read_image(files.images[0]).array
+        assert stored.dtype == np.uint16 and stored.max() <= 4095  # 12 bits in a 16-bit PNG
+        image, label = case.image[0, 0], case.label[0]
+        assert set(np.unique(label)) == {0, 1, 2, 3, 4}, case.case_id
+        lungs = np.median(image[(label == 1) | (label == 2)])
+        heart = np.median(image[label == 3])
+        clavicles = np.median(image[label == 4])
+        assert lungs < heart and lungs < clavicles, f"{case.case_id}: lungs must be the dark fields"
+        # the patient's right lung on the image's left, the heart towards the patient's left
+        columns = {v: np.argwhere(label == v)[:, 1].mean() for v in (1, 2, 3)}
+        assert columns[1] < columns[3] and columns[1] < columns[2]
+        assert columns[3] > label.shape[1] / 2 - 0.1 * label.shape[1]
+        # burned-in marker and text: saturated pixels outside every structure
+        assert ((stored == 4095) & (label == 0)).sum() > 20
+
+
+def test_xray_has_pathology_that_makes_a_lung_dense() -> None:
+    """An effusion (index 2) makes part of a lung as bright as soft tissue while keeping its label."""
+    healthy, effusion = example_case("xray", 0), example_case("xray", 2)
+
+    def dense_lung_fraction(case) -> float:
+        """Lung pixels brighter than the median background pixel (mostly soft tissue)."""
+        image, label = case.images[0].array.astype(float), case.label.array
+        lungs = (label == 1) | (label == 2)
+        return float((image[lungs] > np.median(image[label == 0])).mean())
+    assert dense_lung_fraction(effusion) > 0.1 > 0.03 > dense_lung_fraction(healthy)
