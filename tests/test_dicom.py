@@ -35,7 +35,7 @@ from autoseg.dicom import (
     write_dicom_seg,
 )
 from autoseg.evaluation import evaluate_folders
-from autoseg.inference import PredictionError, predict_folder
+from autoseg.inference import PredictionError, Predictor, predict_folder
 from autoseg.io import Image, read_image, write_image
 from autoseg.labels import LabelInfo
 
@@ -159,6 +159,16 @@ def test_seg_references_the_series_and_names_its_segments(predictions: dict[str,
     assert (algorithm[0].AlgorithmName, algorithm[0].AlgorithmVersion) == ("autoseg", autoseg_version())
     assert (seg.Manufacturer, seg.SoftwareVersions) == ("autoseg", autoseg_version())
     assert seg.PatientID == "P001"
+
+
+def test_python_route_writes_the_same_seg(model_dir: Path, predictions: dict[str, Path], series_inputs: Path,
+                                          tmp_path: Path) -> None:
+    """The README's snippet: Predictor on a series folder, then write_dicom_seg."""
+    predictor = Predictor.from_model(model_dir, device="cpu", tta=False)
+    labels = predictor.predict(series_inputs / "ct_a")
+    path = write_dicom_seg(labels, series_inputs / "ct_a", predictor.model.label_info, tmp_path / "ct_a.dcm")
+    expected = read_image(predictions["nifti"] / "ct_a.nii.gz")
+    assert np.array_equal(sitk.GetArrayFromImage(read_dicom_seg(path, expected)), expected.array)
 
 
 def test_evaluate_scores_a_seg_as_the_nifti(predictions: dict[str, Path], series_inputs: Path,
