@@ -14,7 +14,8 @@ Each segment records the label value it stands for in its algorithm parameters (
 without them (a SEG from another tool) stands for its segment number.
 
 highdicom and pydicom are the optional extra ``dicom`` (``pip install 'autoseg[dicom]'``); they are
-imported when a function needs them, so the rest of autoseg runs without them.
+imported when a function needs them, so the rest of autoseg runs without them. SimpleITK is
+imported inside functions too, as :mod:`autoseg.io` does, so that importing evaluation stays light.
 """
 
 from __future__ import annotations
@@ -122,10 +123,16 @@ def write_dicom_seg(label_map: sitk.Image | Image, source: str | os.PathLike | S
 
     Raises:
         DicomError: the label map does not fit the series, or the extra is missing.
+
+    Example (``tests/test_dicom.py`` runs it on a synthetic CT series):
+        >>> predictor = Predictor.from_model("work/liver")                   # doctest: +SKIP
+        >>> labels = predictor.predict("scans/patient_a")                    # doctest: +SKIP
+        >>> write_dicom_seg(labels, "scans/patient_a", predictor.model.label_info,
+        ...                 "seg/patient_a.dcm")                             # doctest: +SKIP
     """
     import SimpleITK as sitk
 
-    highdicom, pydicom = dicom_libraries()
+    highdicom, _ = dicom_libraries()
     from pydicom.sr.codedict import codes
 
     path = Path(path)
@@ -134,8 +141,9 @@ def write_dicom_seg(label_map: sitk.Image | Image, source: str | os.PathLike | S
     _check_fits(array, label_map, datasets, path)
     info = labels if isinstance(labels, LabelInfo) else LabelInfo.from_labels(labels)
     version = autoseg_version()
-    descriptions, masks = [], []
-    for number, (name, value, parameters) in enumerate(_segments(info), start=1):
+    segments = _segments(info)
+    descriptions = []
+    for number, (name, _, parameters) in enumerate(segments, start=1):
         algorithm = highdicom.AlgorithmIdentificationSequence(
             name="autoseg", family=codes.DCM.ArtificialIntelligence, version=version, parameters=parameters)
         # dataset.json names are free text ("liver", "tumour core"), which no code table maps
@@ -145,8 +153,7 @@ def write_dicom_seg(label_map: sitk.Image | Image, source: str | os.PathLike | S
             segment_number=number, segment_label=name, segmented_property_category=codes.SCT.Tissue,
             segmented_property_type=codes.SCT.Tissue, algorithm_type="AUTOMATIC",
             algorithm_identification=algorithm))
-        masks.append(label_mask(array, value))
-    pixels = np.stack(masks, axis=-1).astype(np.uint8)
+    pixels = _segment_pixels(array, [value for _, value, _ in segments], info.is_regions)
     first = datasets[0]
     segmentation = highdicom.seg.Segmentation(
         source_images=datasets, pixel_array=pixels, segmentation_type="BINARY",
@@ -168,6 +175,10 @@ def read_dicom_seg(path: str | os.PathLike, reference_geometry: sitk.Image | Ima
 
     Raises:
         DicomError: not a readable DICOM Segmentation, not on the reference grid, or the extra is missing.
+
+    Example:
+        >>> nifti = autoseg.io.read_image("predictions/patient_a.nii.gz")    # doctest: +SKIP
+        >>> labels = read_dicom_seg("seg/patient_a.dcm", reference_geometry=nifti)  # doctest: +SKIP
     """
     import SimpleITK as sitk
 
@@ -247,6 +258,18 @@ def _segments(info: LabelInfo) -> list[tuple[str, LabelValue, dict[str, str]]]:
         raise DicomError("labels with regions need regions_class_order (dataset.json) to be written as DICOM SEG")
     return [(name, values, {"label_value": str(painted), "region_values": " ".join(str(v) for v in values)})
             for (name, values), painted in zip(info.classes.items(), info.regions_class_order)]
+
+
+def _segment_pixels(array: np.ndarray, values: list[LabelValue], overlapping: bool) -> np.ndarray:
+    """highdicom's input: segment numbers in one map (labels), or one binary map per segment
+    stacked last (regions, which overlap); the one map keeps memory at one volume however many
+    labels there are."""
+    if overlapping:
+        return np.stack([label_mask(array, value) for value in values], axis=-1).astype(np.uint8)
+    lookup = np.zeros(max(int(array.max(initial=0)), *values) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
+    for number, value in enumerate(values, start=1):
+        lookup[value] = number
+    return lookup[np.clip(array, 0, None)]  # undeclared and ignore values: no segment
 
 
 def _segment_value(description: Any) -> int:

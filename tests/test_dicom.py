@@ -209,6 +209,14 @@ def test_regions_round_trip_and_wrong_grids_are_refused(tmp_path: Path) -> None:
     own = read_dicom_seg(path)  # without a reference: just the slices the SEG stores
     assert own.GetSize()[2] == int(np.any(labels, axis=(1, 2)).sum())
 
+    # values that are not 1..N, and an ignore label, which gets no segment
+    sparse = sitk.GetImageFromArray((labels * 3 + (labels == 2) * 1).astype(np.uint8))  # 0, 3, 7
+    sparse.CopyInformation(image)
+    path = write_dicom_seg(sparse, datasets, {"background": 0, "kidney": 3, "cyst": 7, "ignore": 9},
+                           tmp_path / "sparse.dcm")
+    assert [d.SegmentLabel for d in highdicom.seg.segread(path).SegmentSequence] == ["kidney", "cyst"]
+    assert np.array_equal(sitk.GetArrayFromImage(read_dicom_seg(path, image)), sitk.GetArrayFromImage(sparse))
+
     shifted = sitk.Image(image)
     shifted.SetOrigin((ORIGIN[0] + 0.3, ORIGIN[1], ORIGIN[2]))
     with pytest.raises(DicomError, match="do not lie on the reference image's grid"):
