@@ -230,6 +230,24 @@ def read_dicom_seg_pair(first: str | os.PathLike, second: str | os.PathLike) -> 
     return tuple(_as_image(_onto_grid(itk, grid, Path(path))) for itk, path in ((a, first), (b, second)))
 
 
+def read_label_pair(first: str | os.PathLike, second: str | os.PathLike) -> tuple[Image, Image]:
+    """Two label maps to compare (a prediction and a reference), either or both a DICOM SEG: a SEG,
+    which stores only the slices it marks, is read onto the other file's grid (or, both SEGs, onto
+    the grid that holds both).
+
+    Raises:
+        DicomError / ImageReadError: a file that cannot be read, or SEG voxels off the other's grid.
+    """
+    first_seg, second_seg = is_dicom_seg(first), is_dicom_seg(second)
+    if first_seg and second_seg:
+        return read_dicom_seg_pair(first, second)
+    if first_seg:
+        other = read_image(second)
+        return read_dicom_seg_image(first, other), other
+    image = read_image(first)
+    return image, read_dicom_seg_image(second, image) if second_seg else read_image(second)
+
+
 def is_dicom_seg(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a DICOM Segmentation: a ``.dcm`` file, or any file whose DICOM header says so."""
     path = Path(path)
