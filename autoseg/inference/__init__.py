@@ -1,6 +1,8 @@
 """Prediction: sliding-window inference, mirroring TTA, fold ensembles, results in the input's geometry.
 
-``autoseg predict MODEL -i IN -o OUT`` is :func:`predict_folder`. Per case:
+From Python, :class:`Predictor` keeps a model loaded and segments a file, a ``SimpleITK.Image`` or
+a numpy array; ``autoseg predict MODEL -i IN -o OUT`` is :func:`predict_folder`, which runs every
+case through the same :class:`Predictor`. Per case:
 
 1. **Preprocess** with the model's plan (:func:`autoseg.preprocessing.preprocess_case`: canonical
    orientation, non-zero crop, resampling, CT prior channels, normalization).
@@ -36,14 +38,21 @@ Probabilities (``save_probabilities``) are written as ``CASE_probabilities.npz``
 preprocessed-space label map (memory O(volume) whatever the number of classes), the probabilities
 linearly, so a boundary voxel's label may differ from the argmax of the saved probabilities.
 
-Modules: :mod:`.model` (finding and loading trained folds), :mod:`.pipeline` (one case, and the
-threaded pipeline), :mod:`.folder` (:func:`predict_folder`), :mod:`.validation` (validation
-probabilities for :func:`autoseg.postprocessing.find_postprocessing`). Every public name is
-importable from ``autoseg.inference``.
+The networks run in PyTorch, or (``runtime="onnx"`` / ``"torchscript"``) from a folder written by
+:func:`export_networks` (``autoseg export-model --format onnx|torchscript``): the sliding window
+only calls the network, so everything around it is the same code (:mod:`.runtimes`).
+
+Modules: :mod:`.model` (finding and loading trained folds), :mod:`.runtimes` (torch, TorchScript,
+onnxruntime), :mod:`.pipeline` (the fold ensemble, and the threaded pipeline), :mod:`.predictor`
+(:class:`Predictor`: one case), :mod:`.folder` (:func:`predict_folder`), :mod:`.export`
+(:func:`export_networks`), :mod:`.validation` (validation probabilities for
+:func:`autoseg.postprocessing.find_postprocessing`). Every public name is importable from
+``autoseg.inference``.
 """
 
 from __future__ import annotations
 
+from autoseg.inference.export import EXPORT_FORMATS, export_networks
 from autoseg.inference.folder import FAST_STEP, predict_folder
 from autoseg.inference.model import (
     CHECKPOINT_FILES,
@@ -55,6 +64,8 @@ from autoseg.inference.model import (
     trained_folds,
 )
 from autoseg.inference.pipeline import predict_preprocessed
+from autoseg.inference.predictor import Predictor
+from autoseg.inference.runtimes import RUNTIMES, OnnxNetwork, RuntimeMissingError
 from autoseg.inference.validation import predict_validation_probabilities
 from autoseg.model_archive import export_model, import_model
 from autoseg.sliding_window import gaussian_importance_map, sliding_window_predict, tile_starts
@@ -62,11 +73,17 @@ from autoseg.training.validation import trained_mirror_axes
 
 __all__ = [
     "CHECKPOINT_FILES",
+    "EXPORT_FORMATS",
     "FAST_STEP",
+    "RUNTIMES",
     "FoldModel",
+    "OnnxNetwork",
     "PredictionError",
+    "Predictor",
+    "RuntimeMissingError",
     "TrainedModel",
     "export_model",
+    "export_networks",
     "gaussian_importance_map",
     "import_model",
     "load_trained_model",

@@ -1,21 +1,46 @@
-"""Prediction of a folder: ``autoseg predict MODEL -i IN -o OUT`` (:func:`predict_folder`)."""
+"""Prediction of a folder: ``autoseg predict MODEL -i IN -o OUT`` (:func:`predict_folder`).
+
+The cases go through a :class:`autoseg.inference.Predictor`, the object a script uses for images in
+memory: this module adds finding the cases, reading their files, the threads and writing the results.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from autoseg.dataset import CHANNEL_SUFFIX, DatasetJson, index_cases, load_dataset_json
-from autoseg.inference.model import PredictionError, load_trained_model, resolve_configuration, resolve_folds
-from autoseg.inference.pipeline import CaseOutputs, CasePipeline, run_pipeline
-from autoseg.io import SUPPORTED_ENDINGS, file_ending
+from autoseg.cluster import connect
+from autoseg.constants import DEFAULT_FILE_ENDING, OUTPUT_FORMAT_NAMES
+from autoseg.dataset import (
+    CHANNEL_SUFFIX,
+    CaseFiles,
+    CaseIndex,
+    DatasetJson,
+    index_cases,
+    load_case,
+    load_dataset_json,
+)
+from autoseg.devices import resolve_device
+from autoseg.dicom import DICOM_SEG_ENDING, series_cases, write_dicom_seg
+from autoseg.inference.distributed import CaseWriter, PredictorOptions, predict_on_cluster
+from autoseg.inference.model import PredictionError, resolve_configuration, resolve_folds
+from autoseg.inference.pipeline import PreparedCase, run_pipeline
+from autoseg.inference.predictor import Predictor
+from autoseg.inference.runtimes import Runtime
+from autoseg.io import SUPPORTED_ENDINGS, file_ending, write_like
+from autoseg.model_archive import import_model
 from autoseg.plan import load_plan
 from autoseg.postprocessing_steps import PROBABILITIES_SUFFIX
+from autoseg.utils import atomic_write, atomic_write_json
 from autoseg.workdir import WorkDir
 
 FAST_STEP = 0.75
@@ -27,7 +52,7 @@ def predict_folder(
     output_dir: str | os.PathLike,
     configuration: str | None = None,
     folds: Sequence[int | str] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     tta: bool = True,
     step: float = 0.5,
     save_probabilities: bool = False,
@@ -37,16 +62,21 @@ def predict_folder(
     num_workers: int = 2,
     progress: bool = True,
     precision: str = "auto",
+    runtime: Runtime = "torch",
+    output_format: str = "nifti",
+    scheduler: str | None = None,
+    devices: Sequence[str] | None = None,
 ) -> list[Path]:
     """Segment every case of a folder and write the results in the inputs' own geometry and format.
 
     Args:
-        model_dir: a work folder or an imported model folder (``plan.json``, ``models/...``).
+        model_dir: a work folder, an imported or exported model folder (``plan.json``, ``models/...``),
+            or a model zip.
         input_dir: images named ``CASE_XXXX<ending>`` (as ``imagesTs``), any supported format.
         output_dir: receives ``CASE<ending>`` label maps (created if needed).
         configuration: None: ``3d_fullres`` if trained, else the only trained configuration.
         folds: folds to ensemble; None: every trained fold (``all`` counts as one).
-        device: ``cpu`` or ``cuda`` (``cuda:1``, ...).
+        device: ``auto`` (CUDA, then Apple MPS, then CPU), ``cpu``, ``cuda`` (``cuda:1``, ...) or ``mps``.
         tta: mirror test-time augmentation along the trained mirror axes.
         step: tile step as a fraction of the patch.
         save_probabilities: also write ``CASE_probabilities.npz`` and ``.json``.
@@ -58,6 +88,15 @@ def predict_folder(
         progress: progress bars (cases, and tiles of the current case).
         precision: ``auto`` (bfloat16 where the device computes it natively, else float32),
             ``fp32``, ``bf16`` or ``fp16`` (CUDA); see :mod:`autoseg.precision`.
+        runtime: ``torch``, or ``onnx`` / ``torchscript`` for a folder from ``autoseg export-model
+            --format onnx|torchscript`` (the same preprocessing, tiling, TTA and export around it).
+        output_format: ``nifti`` (label maps in the inputs' format; the dataset's file ending for
+            DICOM series inputs, sub-folders of ``input_dir`` holding one series each), or
+            ``dicom-seg``: a DICOM Segmentation ``CASE.dcm`` per series input (:mod:`autoseg.dicom`).
+        scheduler: predict on a Dask cluster (``local:N`` or ``tcp://host:8786``): one case per
+            task, one loaded model per worker (:mod:`autoseg.inference.distributed`); the model,
+            inputs and outputs must be on storage every worker sees.
+        devices: one local worker per device (``["cuda:0", "cuda:1"]``), instead of ``scheduler``.
 
     Returns:
         The label files of every case (written now or found from an earlier run).
@@ -67,32 +106,68 @@ def predict_folder(
             message lists each with its file and problem; every other case is written).
     """
     model_dir, input_dir, output_dir = Path(model_dir), Path(input_dir), Path(output_dir)
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PredictionError("device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    device = resolve_device(device)
     if not input_dir.is_dir():
         raise PredictionError(f"{input_dir}: input folder does not exist")
-    if fast:
-        name = resolve_configuration(model_dir, load_plan(model_dir), configuration)
-        available = resolve_folds(model_dir, name, folds)
-        configuration, folds, tta, step = name, available[:1], False, FAST_STEP
     if not 0 < step <= 1:
         raise PredictionError(f"step must be in (0, 1], got {step}")
-    model = load_trained_model(model_dir, configuration, folds, checkpoint, device, precision=precision)
+    if output_format not in OUTPUT_FORMAT_NAMES:
+        raise PredictionError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMAT_NAMES)}")
+    if scheduler is not None and devices:
+        raise PredictionError("--devices starts a worker per device on this machine; use it without --scheduler")
+    original_model = model_dir
+    with _model_folder(model_dir) as model_dir:
+        if fast:
+            name = resolve_configuration(model_dir, load_plan(model_dir), configuration, runtime)
+            available = resolve_folds(model_dir, name, folds, runtime)
+            configuration, folds, tta, step = name, available[:1], False, FAST_STEP
+        predictor = Predictor.from_model(model_dir, configuration, folds, device, tta, checkpoint, precision, step,
+                                         runtime, progress)
+        on_cluster = None
+        if scheduler is not None or devices:
+            # the workers load the model themselves, from the path given (a zip too): absolute paths
+            on_cluster = (PredictorOptions(str(Path(original_model).resolve()), predictor.model.configuration.name,
+                                           tuple(f.fold for f in predictor.model.folds), predictor.tta, checkpoint,
+                                           precision, predictor.step, runtime, str(device)),
+                          scheduler if scheduler is not None else f"local:{len(devices or ())}", devices)
+        return _predict_cases(predictor, model_dir, input_dir.resolve(), output_dir.resolve(), save_probabilities,
+                              overwrite, num_workers, progress, output_format, on_cluster)
+
+
+def _predict_cases(predictor: Predictor, model_dir: Path, input_dir: Path, output_dir: Path,
+                   save_probabilities: bool, overwrite: bool, num_workers: int, progress: bool,
+                   output_format: str = "nifti",
+                   on_cluster: tuple[PredictorOptions, str, Sequence[str] | None] | None = None) -> list[Path]:
+    model = predictor.model
     dataset_json_path = WorkDir(model_dir).dataset_json
     dataset = load_dataset_json(dataset_json_path) if dataset_json_path.is_file() else None
-    ending = _input_ending(input_dir, dataset)
-    index = index_cases(input_dir, ending, len(model.plan.channel_names))
+    series = series_cases(input_dir, len(model.plan.channel_names))  # DICOM series sub-folders, one case each
+    if output_format == "dicom-seg" and not series:
+        raise PredictionError(f"{input_dir}: --output-format dicom-seg needs DICOM series inputs (one sub-folder "
+                              "per case holding its series); found none")
+    ending = (dataset.file_ending if dataset is not None else DEFAULT_FILE_ENDING) if series \
+        else _input_ending(input_dir, dataset)
+    index = CaseIndex(series, []) if series else index_cases(input_dir, ending, len(model.plan.channel_names))
+    if output_format == "dicom-seg":
+        ending = DICOM_SEG_ENDING
     for problem in index.problems:
         warnings.warn(problem, stacklevel=2)
     if not index.cases:
         raise PredictionError(f"{input_dir}: no complete case (CASE_0000{ending} ... CASE_"
                               f"{len(model.plan.channel_names) - 1:04d}{ending})")
     outputs = {c.case_id: _outputs(output_dir, c.case_id, ending, save_probabilities) for c in index.cases}
+    if output_format == "dicom-seg":
+        for case in index.cases:
+            outputs[case.case_id].dicom_series = case.images[0]
     todo = [c for c in index.cases if overwrite or not _is_done(outputs[c.case_id])]
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipeline = CasePipeline(model, step, tta, progress, outputs)
-    failures = run_pipeline(pipeline, todo, num_workers, progress)
+    if on_cluster is not None:
+        options, scheduler, devices = on_cluster
+        with connect(scheduler) as client:
+            failures = predict_on_cluster(client, options, todo, outputs, overwrite, CaseWriter(_is_done, write_case),
+                                          devices, progress)
+    else:
+        failures = run_pipeline(CasePipeline(predictor, outputs), todo, num_workers, progress)
     written = [outputs[c.case_id].label for c in index.cases if c.case_id not in failures]
     if failures:
         lines = "\n".join(f"- {message}" for message in failures.values())
@@ -130,3 +205,78 @@ def _outputs(output_dir: Path, case_id: str, ending: str, save_probabilities: bo
 
 def _is_done(outputs: CaseOutputs) -> bool:
     return all(p is None or p.is_file() for p in (outputs.label, outputs.probabilities, outputs.sidecar))
+
+
+@contextlib.contextmanager
+def _model_folder(model_dir: Path) -> Iterator[Path]:
+    """The model folder itself, or a model zip unpacked into a temporary folder for the run."""
+    if not model_dir.is_file():
+        yield model_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="autoseg_model_") as tmp:
+        yield import_model(model_dir, Path(tmp) / "model")
+
+
+@dataclass
+class CaseOutputs:
+    """The files one case's results go to (probabilities and their sidecar when asked for)."""
+
+    label: Path
+    probabilities: Path | None
+    sidecar: Path | None
+    dicom_series: Path | None = None  # --output-format dicom-seg: the source series the SEG references
+
+
+class CasePipeline:
+    """The folder's stages around one :class:`Predictor` (for :func:`run_pipeline`; internal)."""
+
+    def __init__(self, predictor: Predictor, outputs: dict[str, CaseOutputs]) -> None:
+        self.predictor = predictor
+        self.outputs = outputs
+
+    # runs in a worker thread
+    def prepare(self, case: CaseFiles) -> PreparedCase:
+        return self.predictor.prepare(load_case(case, load_label=False))
+
+    # runs in the main thread: the network's turn
+    def infer(self, prepared: PreparedCase) -> tuple[np.ndarray, np.ndarray | None]:
+        keep = self.outputs[prepared.case_id].probabilities is not None
+        return self.predictor.infer(prepared, keep_probabilities=keep)
+
+    # runs in a worker thread
+    def export(self, prepared: PreparedCase, labels: np.ndarray, probabilities: np.ndarray | None) -> Path:
+        restored, full = self.predictor.restore(prepared, labels, probabilities)
+        return write_case(self.predictor, prepared, self.outputs[prepared.case_id], restored, full)
+
+
+def write_case(predictor: Predictor, prepared: PreparedCase, outputs: CaseOutputs, labels: np.ndarray,
+               probabilities: np.ndarray | None) -> Path:
+    """Write one case's label map (in its source's geometry and format) and, if asked, probabilities."""
+    reference = prepared.reference
+    if outputs.dicom_series is not None:
+        write_dicom_seg(reference.with_array(labels), outputs.dicom_series, predictor.model.label_info, outputs.label)
+    else:
+        write_like(labels, reference, outputs.label)
+    if probabilities is not None and outputs.probabilities is not None and outputs.sidecar is not None:
+        model = predictor.model
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, probabilities=probabilities)
+
+        atomic_write(outputs.probabilities, write)
+        atomic_write_json(outputs.sidecar, {
+            "case_id": prepared.case_id,
+            "array": "probabilities",
+            "axes": "(channel, z, y, x)" if reference.ndim == 3 else "(channel, y, x)",
+            "shape": list(probabilities.shape),
+            "channels": list(model.label_names),
+            "activation": model.activation,
+            "configuration": model.configuration.name,
+            "folds": [f.fold for f in model.folds],
+            "spacing": list(reference.spacing),
+            "origin": list(reference.origin),
+            "direction": list(reference.direction),
+            "label_file": outputs.label.name,
+        })
+    return outputs.label

@@ -4,7 +4,9 @@ A model folder is a work folder or an imported model (:mod:`autoseg.model_archiv
 and ``models/<configuration>/fold_<k>/checkpoint_{best,latest}.pt``. :func:`load_trained_model`
 loads the requested folds (their own recorded topology and schedule first), checks that they fit
 the plan's labels and each other, reads the configuration's post-processing decision and, for a
-cascade, loads the previous stage with the same folds.
+cascade, loads the previous stage with the same folds. With ``runtime="onnx"`` or
+``"torchscript"`` it loads the networks of a folder written by ``autoseg export-model --format
+onnx|torchscript`` instead (:mod:`autoseg.inference.runtimes`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
+from autoseg.devices import resolve_device
 from autoseg.errors import AutosegError
+from autoseg.inference.runtimes import (
+    NETWORK_FILES,
+    RUNTIMES,
+    ExportedNetwork,
+    NetworkCallable,
+    Runtime,
+    load_exported_network,
+)
 from autoseg.labels import Activation, LabelInfo
 from autoseg.networks import build_network
 from autoseg.plan import Configuration, Plan, PlanError, Schedule, Topology, load_plan, plan_hash
@@ -27,7 +38,7 @@ from autoseg.postprocessing_steps import PostprocessingDecision, load_postproces
 from autoseg.precision import Precision, resolve_precision
 from autoseg.training.checkpoint import Checkpoint, read_checkpoint
 from autoseg.training.validation import trained_mirror_axes
-from autoseg.workdir import CHECKPOINT_BEST, CHECKPOINT_LATEST, WorkDir
+from autoseg.workdir import CHECKPOINT_BEST, CHECKPOINT_LATEST, CHECKPOINT_NAMES, WorkDir
 
 CHECKPOINT_FILES = {"best": CHECKPOINT_BEST, "latest": CHECKPOINT_LATEST}
 
@@ -50,12 +61,12 @@ class PredictionError(AutosegError, RuntimeError):
 
 @dataclass
 class FoldModel:
-    """One fold's network, ready for inference."""
+    """One fold's network, ready for inference (``network``: a module, or any network callable)."""
 
     fold: str
     checkpoint: Path
     topology: Topology
-    network: nn.Module
+    network: nn.Module | NetworkCallable
     mirror_axes: tuple[int, ...]
 
 
@@ -72,6 +83,7 @@ class TrainedModel:
     postprocessing: PostprocessingDecision | None = None
     previous: TrainedModel | None = None
     precision: Precision = "fp32"
+    runtime: Runtime = "torch"
 
     @property
     def activation(self) -> Activation:
@@ -114,32 +126,52 @@ def _fold_dir(model_dir: Path, configuration: str, fold: str) -> Path:
     return WorkDir(model_dir).fold(configuration, fold)
 
 
-def trained_folds(model_dir: str | os.PathLike, configuration: str) -> list[str]:
-    """Folds (``"0"``, ``"1"``, ..., ``"all"``) of a configuration that have a checkpoint."""
-    return WorkDir(Path(model_dir)).folds(configuration)
+def _model_files(runtime: str) -> tuple[str, ...]:
+    if runtime not in RUNTIMES:
+        raise PredictionError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    return CHECKPOINT_NAMES if runtime == "torch" else (NETWORK_FILES[runtime],)
 
 
-def trained_configurations(model_dir: str | os.PathLike) -> list[str]:
-    """Configurations of a model folder with at least one trained fold."""
+def trained_folds(model_dir: str | os.PathLike, configuration: str, runtime: str = "torch") -> list[str]:
+    """Folds (``"0"``, ``"1"``, ..., ``"all"``) of a configuration that have a checkpoint (or, for
+    the ``onnx`` and ``torchscript`` runtimes, an exported network)."""
+    return WorkDir(Path(model_dir)).folds(configuration, containing=_model_files(runtime))
+
+
+def trained_configurations(model_dir: str | os.PathLike, runtime: str = "torch") -> list[str]:
+    """Configurations of a model folder with at least one trained fold (for ``runtime``)."""
     folder = Path(model_dir) / "models"
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and trained_folds(model_dir, p.name))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and trained_folds(model_dir, p.name, runtime))
 
 
-def resolve_configuration(model_dir: Path, plan: Plan, configuration: str | None) -> str:
-    trained = trained_configurations(model_dir)
+def _runtime_hint(model_dir: Path, runtime: str) -> str:
+    """What to do when ``runtime`` finds nothing but another runtime would."""
+    others = [r for r in RUNTIMES if r != runtime and trained_configurations(model_dir, r)]
+    if not others:
+        return ""
+    if runtime == "torch":
+        return f"; this folder holds {others[0]} networks: use --runtime {others[0]}"
+    return (f"; this folder holds {others[0]} networks: use --runtime {others[0]}, or export "
+            f"{runtime} networks with `autoseg export-model {model_dir} -o OUT --format {runtime}`")
+
+
+def resolve_configuration(model_dir: Path, plan: Plan, configuration: str | None, runtime: str = "torch") -> str:
+    trained = trained_configurations(model_dir, runtime)
     if configuration is not None:
         if configuration not in plan.configurations:
             raise PredictionError(f"{model_dir / 'plan.json'}: the plan has no configuration {configuration!r}; "
                                   f"it has {', '.join(plan.configurations)}")
         if configuration not in trained:
             raise PredictionError(f"{WorkDir(model_dir).models(configuration)}: configuration {configuration!r} "
-                                  f"has no trained fold; trained: {', '.join(trained) or 'none'}")
+                                  f"has no trained fold; trained: {', '.join(trained) or 'none'}"
+                                  + _runtime_hint(model_dir, runtime))
         return configuration
     if not trained:
-        raise PredictionError(f"{model_dir}: no trained model (no models/<configuration>/fold_<k>/checkpoint_*.pt); "
-                              "train one or import a model zip")
+        wanted = "checkpoint_*.pt" if runtime == "torch" else NETWORK_FILES[runtime]
+        raise PredictionError(f"{model_dir}: no trained model (no models/<configuration>/fold_<k>/{wanted})"
+                              + (_runtime_hint(model_dir, runtime) or "; train one or import a model zip"))
     if "3d_fullres" in trained:
         return "3d_fullres"
     if len(trained) == 1:
@@ -148,8 +180,9 @@ def resolve_configuration(model_dir: Path, plan: Plan, configuration: str | None
                           "with -c")
 
 
-def resolve_folds(model_dir: Path, configuration: str, folds: Sequence[int | str] | None) -> list[str]:
-    available = trained_folds(model_dir, configuration)
+def resolve_folds(model_dir: Path, configuration: str, folds: Sequence[int | str] | None,
+                  runtime: str = "torch") -> list[str]:
+    available = trained_folds(model_dir, configuration, runtime)
     if folds is None:
         return available
     wanted = []
@@ -197,8 +230,29 @@ def _fold_topology_and_schedule(state: Checkpoint, fold_dir: Path, configuration
     return topology, schedule
 
 
+def _load_exported_fold(model_dir: Path, plan: Plan, configuration: Configuration, fold: str,
+                        runtime: Runtime, device: torch.device) -> FoldModel:
+    """A fold written by ``autoseg export-model --format onnx|torchscript``."""
+    fold_dir = _fold_dir(model_dir, configuration.name, fold)
+    description = ExportedNetwork.load(fold_dir)
+    path = fold_dir / NETWORK_FILES[runtime]
+    try:
+        topology = _TOPOLOGY.validate_python(description.topology)
+        schedule = _SCHEDULE.validate_python(description.schedule)
+    except ValidationError as error:
+        raise PredictionError(f"{fold_dir / 'network.json'}: the recorded topology or schedule is invalid "
+                              f"({error})") from None
+    if description.plan_hash and description.plan_hash != plan_hash(plan):
+        warnings.warn(f"{path}: exported with another plan.json (plan hash {description.plan_hash}, this model "
+                      f"folder's is {plan_hash(plan)})", stacklevel=3)
+    network = load_exported_network(fold_dir, runtime, device)
+    return FoldModel(fold, path, topology, network, trained_mirror_axes(configuration, schedule))
+
+
 def _load_fold(model_dir: Path, plan: Plan, configuration: Configuration, fold: str, checkpoint: str,
-               device: torch.device) -> FoldModel:
+               device: torch.device, runtime: Runtime = "torch") -> FoldModel:
+    if runtime != "torch":
+        return _load_exported_fold(model_dir, plan, configuration, fold, runtime, device)
     fold_dir = _fold_dir(model_dir, configuration.name, fold)
     path = _checkpoint_path(fold_dir, checkpoint)
     state = read_checkpoint(path, map_location=device)
@@ -222,7 +276,7 @@ def _load_fold(model_dir: Path, plan: Plan, configuration: Configuration, fold: 
 def load_trained_model(model_dir: str | os.PathLike, configuration: str | None = None,
                        folds: Sequence[int | str] | None = None, checkpoint: str = "best",
                        device: str | torch.device = "cpu", cascade: bool = True,
-                       precision: str = "auto") -> TrainedModel:
+                       precision: str = "auto", runtime: Runtime = "torch") -> TrainedModel:
     """Load the folds of a trained configuration from a work folder or an imported model folder.
 
     Args:
@@ -230,23 +284,25 @@ def load_trained_model(model_dir: str | os.PathLike, configuration: str | None =
         configuration: None: ``3d_fullres`` if trained, else the only trained configuration.
         folds: fold numbers (or ``"all"``); None: every trained fold.
         checkpoint: ``best`` (falls back to ``latest`` when a fold has no best) or ``latest``.
-        device: where the networks live.
+        device: where the networks live (``auto``: CUDA, MPS or CPU, :func:`autoseg.devices.resolve_device`).
         cascade: also load a cascade configuration's previous stage (False: the caller supplies
             the one-hot channels, as the end-of-fold validation does).
-        precision: autocast precision of prediction (:func:`autoseg.precision.resolve_precision`).
+        precision: autocast precision of prediction (:func:`autoseg.precision.resolve_precision`);
+            onnxruntime computes in float32 whatever is asked.
+        runtime: ``torch`` (checkpoints), ``onnx`` or ``torchscript`` (an exported model folder).
 
     Raises:
         PredictionError: nothing trained, an unknown fold, or networks that do not fit the plan.
     """
     model_dir = Path(model_dir)
-    device = torch.device(device)
+    device = resolve_device(device)
     plan = load_plan(model_dir)
-    name = resolve_configuration(model_dir, plan, configuration)
+    name = resolve_configuration(model_dir, plan, configuration, runtime)
     config = plan.configuration(name)
-    fold_names = resolve_folds(model_dir, name, folds)
+    fold_names = resolve_folds(model_dir, name, folds, runtime)
     if not fold_names:
         raise PredictionError(f"{WorkDir(model_dir).models(name)}: no trained fold")
-    loaded = [_load_fold(model_dir, plan, config, fold, checkpoint, device) for fold in fold_names]
+    loaded = [_load_fold(model_dir, plan, config, fold, checkpoint, device, runtime) for fold in fold_names]
     info = LabelInfo.of(plan)
     for fold in loaded:
         if fold.topology.num_classes != info.num_outputs:
@@ -259,8 +315,10 @@ def load_trained_model(model_dir: str | os.PathLike, configuration: str | None =
             raise PredictionError(f"{fold.checkpoint}: takes {fold.topology.in_channels} input channels, fold "
                                   f"{loaded[0].fold} takes {loaded[0].topology.in_channels}; ensemble folds of one kind")
     decision = load_postprocessing(WorkDir(model_dir).models(name))
+    # onnxruntime ignores torch's autocast: it computes what the graph says (float32)
     model = TrainedModel(model_dir, plan, config, loaded, device, info, decision,
-                         precision=resolve_precision(precision, device))
+                         precision=resolve_precision(precision, device) if runtime != "onnx" else "fp32",
+                         runtime=runtime)
     previous = _previous_stage(model, fold_names, checkpoint, load=cascade)
     model.previous = previous if cascade else None
     return model
@@ -278,11 +336,11 @@ def _previous_stage(model: TrainedModel, fold_names: Sequence[str], checkpoint: 
                                  if config.previous_stage else f" and configuration {config.name!r} is no cascade"))
     if not config.previous_stage or not load:
         return None
-    previous_folds = trained_folds(model.model_dir, config.previous_stage)
+    previous_folds = trained_folds(model.model_dir, config.previous_stage, model.runtime)
     if not previous_folds:
         raise PredictionError(f"{WorkDir(model.model_dir).models(config.previous_stage)}: the cascade needs the "
                               f"previous stage {config.previous_stage!r}, which is not trained")
     # the previous stage's folds matching the cascade's (each fold's inputs came from the same split)
     same = [f for f in fold_names if f in previous_folds]
     return load_trained_model(model.model_dir, config.previous_stage, same or previous_folds, checkpoint,
-                              model.device, cascade=True, precision=model.precision)
+                              model.device, cascade=True, precision=model.precision, runtime=model.runtime)
