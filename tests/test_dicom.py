@@ -194,6 +194,8 @@ def test_dicom_seg_needs_dicom_inputs(model_dir: Path, tmp_path: Path) -> None:
     write_image(Image(ct_volume(), (2.5, 0.75, 0.8)), tmp_path / "in" / "case_0000.nii.gz")
     with pytest.raises(PredictionError, match="dicom-seg.*DICOM series"):
         predict_folder(model_dir, tmp_path / "in", tmp_path / "out", output_format="dicom-seg", progress=False)
+    with pytest.raises(PredictionError, match="'dicom_seg' is not one of nifti, dicom-seg"):
+        predict_folder(model_dir, tmp_path / "in", tmp_path / "out", output_format="dicom_seg", progress=False)
 
 
 def test_regions_round_trip_and_wrong_grids_are_refused(tmp_path: Path) -> None:
