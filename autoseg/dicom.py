@@ -71,7 +71,8 @@ def autoseg_version() -> str:
 
 
 def series_cases(folder: str | os.PathLike, num_channels: int = 1) -> list[CaseFiles]:
-    """One case per sub-folder of ``folder`` holding a DICOM series, named after the sub-folder.
+    """One case per sub-folder of ``folder`` holding a DICOM series, named after the sub-folder
+    (or ``folder`` itself as the one case, when it holds a series and no sub-folder does).
 
     >>> import tempfile; series_cases(tempfile.mkdtemp())
     []
@@ -84,6 +85,8 @@ def series_cases(folder: str | os.PathLike, num_channels: int = 1) -> list[CaseF
     folder = Path(folder)
     found = [entry for entry in sorted(folder.iterdir()) if entry.is_dir() and not entry.name.startswith(".")
              and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(entry))]
+    if not found and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        found = [folder]
     if found and num_channels != 1:
         raise DicomError(f"{folder}: holds DICOM series folders, one series per case, but the model takes "
                          f"{num_channels} channels; give each channel as CASE_XXXX files instead")

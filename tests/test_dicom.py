@@ -118,6 +118,7 @@ def test_series_read_with_its_datasets_in_slice_order(tmp_path: Path) -> None:
     assert image.GetSpacing() == pytest.approx((PIXEL_SPACING[1], PIXEL_SPACING[0], SLICE_THICKNESS))
     assert "PixelData" not in datasets[0]
     assert [c.case_id for c in series_cases(tmp_path)] == ["ct"]
+    assert series_cases(tmp_path / "ct")[0].images == (tmp_path / "ct",)  # a series folder given itself
     with pytest.raises(DicomError, match="takes 2 channels"):
         series_cases(tmp_path, num_channels=2)
 
