@@ -80,12 +80,10 @@ def series_cases(folder: str | os.PathLike, num_channels: int = 1) -> list[CaseF
     Raises:
         DicomError: series found for a model that takes several channels (one series is one channel).
     """
-    import SimpleITK as sitk
-
     folder = Path(folder)
-    found = [entry for entry in sorted(folder.iterdir()) if entry.is_dir() and not entry.name.startswith(".")
-             and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(entry))]
-    if not found and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+    found = [entry for entry in sorted(folder.iterdir())
+             if entry.is_dir() and not entry.name.startswith(".") and _holds_series(entry)]
+    if not found and _holds_series(folder):
         found = [folder]
     if found and num_channels != 1:
         raise DicomError(f"{folder}: holds DICOM series folders, one series per case, but the model takes "
@@ -257,9 +255,8 @@ def is_dicom_seg(path: str | os.PathLike) -> bool:
     if not path.is_file():
         return False
     if not path.name.lower().endswith(DICOM_SEG_ENDING):
-        with open(path, "rb") as handle:
-            if handle.read(132)[128:] != b"DICM":  # the DICOM file preamble's magic
-                return False
+        if not _has_dicom_magic(path):
+            return False
     _, pydicom = dicom_libraries()
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
@@ -269,6 +266,21 @@ def is_dicom_seg(path: str | os.PathLike) -> bool:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:] == b"DICM"  # after the DICOM file's 128-byte preamble
+
+
+def _holds_series(folder: Path) -> bool:
+    """Whether GDCM finds a series in ``folder``; asked only where a file starts like DICOM, since
+    ITK prints a warning for every folder without one (every folder of NIfTI inputs)."""
+    import SimpleITK as sitk
+
+    if not any(entry.is_file() and _has_dicom_magic(entry) for entry in folder.iterdir()):
+        return False
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 def _segments(info: LabelInfo) -> list[tuple[str, LabelValue, dict[str, str]]]:
