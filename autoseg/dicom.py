@@ -228,7 +228,7 @@ def read_dicom_seg_pair(first: str | os.PathLike, second: str | os.PathLike) -> 
     grid.SetSpacing(a.GetSpacing())
     grid.SetDirection(a.GetDirection())
     grid.SetOrigin(a.TransformIndexToPhysicalPoint([int(i) for i in low]))
-    return tuple(_as_image(_onto_grid(itk, grid, Path(path))) for itk, path in ((a, first), (b, second)))
+    return _as_image(_onto_grid(a, grid, Path(first))), _as_image(_onto_grid(b, grid, Path(second)))
 
 
 def read_label_pair(first: str | os.PathLike, second: str | os.PathLike) -> tuple[Image, Image]:
@@ -250,7 +250,8 @@ def read_label_pair(first: str | os.PathLike, second: str | os.PathLike) -> tupl
 
 
 def is_dicom_seg(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a DICOM Segmentation: a ``.dcm`` file, or any file whose DICOM header says so."""
+    """Whether ``path`` is a DICOM Segmentation: a file (``.dcm``, or any name that starts like DICOM)
+    whose SOP class is Segmentation Storage (binary, fractional or label map)."""
     path = Path(path)
     if not path.is_file():
         return False
