@@ -124,7 +124,7 @@ def test_series_read_with_its_datasets_in_slice_order(tmp_path: Path) -> None:
 
 
 def test_seg_equals_the_nifti_prediction_voxel_for_voxel(predictions: dict[str, Path], series_inputs: Path) -> None:
-    assert sorted(p.name for p in predictions["seg"].iterdir()) == ["ct_a.dcm"]
+    assert sorted(p.name for p in predictions["seg"].glob("*.dcm")) == ["ct_a.dcm"]
     for case in ("ct_a",):
         nifti = read_image(predictions["nifti"] / f"{case}.nii.gz")
         assert set(np.unique(nifti.array)) == {0, 1, 2}
