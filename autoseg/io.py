@@ -25,12 +25,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from autoseg.atomic import TMP_MARK, atomic_write, current_umask
 from autoseg.errors import AutosegError
 from autoseg.nifti_bytes import nifti_truncation
 
@@ -127,30 +127,61 @@ def read_image(path: str | os.PathLike) -> Image:
 
 
 def write_image(image: Image, path: str | os.PathLike) -> None:
-    """Write ``image`` to ``path`` atomically (temporary name, then rename), format from the ending."""
+    """Write ``image`` to ``path``, format from the ending: to a temporary name, verified, then renamed.
+
+    The written file's header is read back before it is published: SimpleITK's NIfTI writer does
+    not report a full disk, and a truncated file would otherwise be taken for a finished one.
+
+    Raises:
+        WriteError: the disk is full or the folder is not writable (names ``path``).
+    """
     path = Path(path)
     ending = file_ending(path)
     if ending not in SUPPORTED_ENDINGS:
         raise ValueError(f"{path}: unsupported file type {ending!r}; supported: {' '.join(SUPPORTED_ENDINGS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the real ending so each writer picks the right format.
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp_", suffix=ending, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         if ending in SITK_ENDINGS:
             _write_sitk(image, tmp)
         elif ending in NATURAL_2D_ENDINGS:
             _write_natural_2d(image, tmp)
         else:
             _write_tiff(image, tmp, path)
-        if ending in (".mhd", ".nhdr"):
-            _rename_detached(tmp, path, ending)
-        else:
-            os.replace(tmp, path)
+
+    def check(tmp: Path) -> str | None:
+        problem = _written_problem(tmp, ending, image.array.shape)
+        if problem is None and ending in (".mhd", ".nhdr"):
+            _rename_detached(tmp, path, ending)  # publishes the data file; the header goes last
+        return problem
+
+    try:
+        atomic_write(path, write, check=check)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in path.parent.glob(f".{path.name}.*{TMP_MARK}.*"):
+            leftover.unlink(missing_ok=True)  # a detached data file (.raw) of a failed write
+
+
+def _written_problem(tmp: Path, ending: str, shape: tuple[int, ...]) -> str | None:
+    """Why a just-written image file is not a complete image of ``shape``, or None."""
+    if ending in (".nii", ".nii.gz"):
+        return nifti_truncation(tmp)
+    if ending in SITK_ENDINGS:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(tmp))
+        try:
+            reader.ReadImageInformation()
+        except Exception as error:
+            return f"the written header cannot be read back ({_short(error)})"
+        if tuple(reversed(reader.GetSize())) != tuple(shape):
+            return f"the written header says size {reader.GetSize()}, expected {tuple(reversed(shape))}"
+        return None
+    try:  # PNG, BMP, TIFF: small 2D files, read back whole
+        array = _read_natural_2d(tmp).array if ending in NATURAL_2D_ENDINGS else _read_tiff(tmp).array
+    except Exception as error:
+        return f"the written file cannot be read back ({_short(error)})"
+    return None if array.shape == tuple(shape) else f"the written file has shape {array.shape}, expected {shape}"
 
 
 def write_like(array: np.ndarray, reference: Image, path: str | os.PathLike) -> None:
@@ -207,15 +238,16 @@ def _write_sitk(image: Image, path: Path) -> None:
 
 
 def _rename_detached(tmp: Path, path: Path, ending: str) -> None:
-    """Move a header + data pair (.mhd/.raw, .nhdr/.raw.gz) to its final name, fixing the header."""
+    """Publish the data file of a header + data pair (.mhd/.raw, .nhdr/.raw.gz) under its final name
+    and point the (still temporary) header at it; the caller publishes the header."""
     header = tmp.read_text(errors="replace")
     data_files = [p for p in tmp.parent.glob(tmp.name[: -len(ending)] + ".*") if p != tmp]
     for data in data_files:
         final_data = path.parent / (path.name[: -len(ending)] + data.name[len(tmp.name) - len(ending):])
         header = header.replace(data.name, final_data.name)
+        os.chmod(data, 0o666 & ~current_umask())
         os.replace(data, final_data)
     tmp.write_text(header)
-    os.replace(tmp, path)
 
 
 def _read_dicom_series(folder: Path) -> Image:
@@ -305,9 +337,7 @@ def _write_tiff(image: Image, tmp: Path, final: Path) -> None:
     tifffile.imwrite(str(tmp), image.array, photometric="minisblack")
     if any(s != 1.0 for s in image.spacing):
         sidecar = _tiff_sidecar(final)
-        tmp_sidecar = sidecar.with_name(".tmp_" + sidecar.name)
-        tmp_sidecar.write_text(json.dumps({"spacing": list(image.spacing)}))
-        os.replace(tmp_sidecar, sidecar)
+        atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps({"spacing": list(image.spacing)})))
 
 
 def _short(error: BaseException) -> str:

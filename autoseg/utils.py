@@ -5,38 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``.
-
-    A crash leaves either the old file or the new one, never half a file. The temporary name
-    starts with a dot and keeps the final ending, so writers that choose a format from the ending
-    still work and folder scans skip it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+from autoseg.atomic import atomic_write  # noqa: F401  (re-exported: the writers import it from here)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Write text atomically (UTF-8); the written size is checked against the text's."""
+    data = text.encode()
+
+    def check(tmp: Path) -> str | None:
+        size = tmp.stat().st_size
+        return None if size == len(data) else f"{size} of {len(data)} bytes written"
+
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), check=check, allow_empty=not data)
 
 
 def atomic_write_json(path: str | os.PathLike, data: object) -> Path:
