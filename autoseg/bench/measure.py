@@ -7,8 +7,10 @@ commands with the same code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -318,8 +320,14 @@ def run_measured(command: Sequence[str], env: Mapping[str, str] | None = None, c
         # A new session, so that a timeout can end every process the command started.
         process = subprocess.Popen(command, env=dict(env) if env is not None else None, cwd=cwd,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        with TreeMemorySampler(process.pid, interval) as sampler:
-            returncode, usage = _wait_with_rusage(process, timeout)
+        try:
+            with TreeMemorySampler(process.pid, interval) as sampler:
+                returncode, usage = _wait_with_rusage(process, timeout)
+        except BaseException:  # Ctrl-C or SIGTERM of the benchmark ends the command's whole group too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
         seconds = time.perf_counter() - started
     text = log.read_text(errors="replace")
     if own_log:

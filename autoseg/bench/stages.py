@@ -18,6 +18,7 @@ from typing import Any
 
 from autoseg.bench.measure import WARMUP_RUNS, Measured, run_measured
 from autoseg.errors import AutosegError
+from autoseg.processes import exit_with_parent
 from autoseg.utils import atomic_write_json, read_json
 
 
@@ -123,6 +124,9 @@ def _stage_main(argv: Sequence[str]) -> int:
               file=sys.stderr)
         return 2
     stage, params_path, result_path = argv
+    # run_measured starts this process in a session of its own (so a timeout can end its whole
+    # group); it must still end when the benchmark does, even a benchmark killed with -9
+    exit_with_parent(os.getppid(), parent_death_signal=True)
     params = read_json(params_path)
     assert isinstance(params, dict)
     result = _STAGE_FUNCTIONS[stage](params)

@@ -12,21 +12,25 @@ strings, None, lists, tuples and dicts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from autoseg.atomic import atomic_write, remove_stale_temporaries, write_failure
+from autoseg.locks import folder_lock
 from autoseg.training.errors import TrainingError
-from autoseg.utils import atomic_write
-from autoseg.workdir import CHECKPOINT_BEST, CHECKPOINT_LATEST
+from autoseg.workdir import CHECKPOINT_BEST, CHECKPOINT_LATEST, WorkDir
 
 # CHECKPOINT_*: re-exported, the trainer's modules import them from here
-__all__ = ["CHECKPOINT_BEST", "CHECKPOINT_LATEST", "Checkpoint", "CheckpointError", "capture_rng_state",
+__all__ = ["CHECKPOINT_BEST", "CHECKPOINT_LATEST", "Checkpoint", "CheckpointError", "capture_rng_state", "fold_lock",
            "load_checkpoint", "read_checkpoint", "restore_rng_state", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
@@ -37,8 +41,50 @@ class CheckpointError(TrainingError):
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (a crash leaves the previous checkpoint intact)."""
-    return atomic_write(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+    """Write ``state`` to ``path`` atomically (a crash leaves the previous checkpoint intact).
+
+    Raises:
+        WriteError: the disk is full or the folder is not writable (the previous checkpoint stays).
+    """
+    def write(tmp: Path) -> None:
+        try:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+        except RuntimeError as error:
+            # torch reports a failed write (a full disk) as "[enforce fail at inline_container.cc...]"
+            # or "PytorchStreamWriter failed writing file"; anything else is not about the disk
+            if "inline_container" in str(error) or "failed writing" in str(error):
+                raise write_failure(path, error) from None
+            raise
+
+    return atomic_write(path, write, check=_zip_problem)
+
+
+def _zip_problem(tmp: Path) -> str | None:
+    """Why a written checkpoint is not a complete zip archive (torch's format), or None."""
+    try:
+        with zipfile.ZipFile(tmp) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"the written checkpoint is incomplete ({error})"
+    return None
+
+
+@contextlib.contextmanager
+def fold_lock(work_dir: str | os.PathLike, configuration: str, fold: int | str,
+              enabled: bool = True) -> Iterator[None]:
+    """Hold the lock on a fold folder (:mod:`autoseg.locks`) and remove what a crashed run left there.
+
+    One training run per fold at a time: a second one is refused with an ``AutosegLockError``
+    naming the first. ``enabled=False`` (the other ranks of a distributed run) holds nothing.
+    """
+    work = WorkDir(work_dir)
+    if not enabled or not work.plan.is_file() or not (str(fold) == "all" or str(fold).isdigit()):
+        yield  # nothing to lock; a missing plan or a bad fold fails later, with its own message
+        return
+    folder = work.fold(configuration, fold)
+    with folder_lock(folder, f"fold {fold} of configuration {configuration!r} ({folder})"):
+        remove_stale_temporaries(folder, recursive=True)
+        yield
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -35,6 +35,7 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 
 from autoseg.case_properties import CaseProperties, load_case_properties
 from autoseg.errors import AutosegError
+from autoseg.processes import exit_with_parent
 from autoseg.training.augment.on_device import deferred_batch
 from autoseg.training.labels import LabelInfo
 from autoseg.utils import read_json
@@ -57,6 +58,10 @@ class DataLoadingError(AutosegError, RuntimeError):
         if worker_traceback:
             text += "\n\nTraceback in the data loading worker:\n" + worker_traceback.rstrip()
         super().__init__(text)
+
+
+class IncompletePreprocessingError(AutosegError):
+    """The preprocessed folder lacks cases its dataset has (an interrupted or failed preprocess)."""
 
 
 class Augmentation(Protocol):
@@ -90,7 +95,23 @@ class PreprocessedDataset:
         if not self.case_ids:
             raise FileNotFoundError(f"{self.folder}: no preprocessed cases (no <case>.json sidecars); "
                                     "run `autoseg preprocess` first")
+        self._check_complete()
         self._locations: dict[str, dict[int, np.ndarray]] = {}
+
+    def _check_complete(self) -> None:
+        """Refuse a folder whose preprocessing was interrupted or failed for some cases: training on
+        the others would write splits without them, and later folds would fail."""
+        manifest = self.manifest
+        missing = sorted(set(manifest.get("expected_cases") or ()) - set(self.case_ids))
+        if not missing:
+            return
+        failed = manifest.get("failed") or {}
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+        reasons = "".join(f"\n- {failed[c]}" for c in missing[:10] if c in failed)
+        raise IncompletePreprocessingError(
+            f"{self.folder}: preprocessing is incomplete: {len(missing)} of {len(manifest['expected_cases'])} "
+            f"case(s) missing ({shown}); complete it with `autoseg preprocess {self.folder.parent.parent} "
+            f"-c {self.folder.name}`{reasons}")
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -240,6 +261,7 @@ class PatchLoader(DataLoader):
         self.catch_errors = False  # set by BatchStream for background workers
         self._produced = 0
         self._worker_ready = False
+        self._main_pid = os.getpid()
         self._foreground = [v for vs in label_info.values for v in vs if v != 0]
 
     def batch_rng(self, index: int) -> np.random.Generator:
@@ -259,6 +281,8 @@ class PatchLoader(DataLoader):
             import torch
 
             torch.set_num_threads(1)
+            # the main process forked this worker from its main thread: a parent-death signal is safe
+            exit_with_parent(self._main_pid, parent_death_signal=True)
             self._worker_ready = True
         try:
             return self.make_batch(index)
