@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autoseg import __version__
 from autoseg.dataset import CaseFiles
 from autoseg.errors import AutosegError
 from autoseg.io import Image, ImageReadError, read_image
@@ -60,14 +60,6 @@ def dicom_libraries() -> tuple[Any, Any]:
     except ImportError:
         raise DicomError(MISSING_EXTRA) from None
     return highdicom, pydicom
-
-
-def autoseg_version() -> str:
-    """The installed autoseg's version (recorded in every SEG it writes)."""
-    try:
-        return metadata.version("autoseg")
-    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown"
 
 
 def series_cases(folder: str | os.PathLike, num_channels: int = 1) -> list[CaseFiles]:
@@ -141,12 +133,11 @@ def write_dicom_seg(label_map: sitk.Image | Image, source: str | os.PathLike | S
     array = label_map.array if isinstance(label_map, Image) else sitk.GetArrayFromImage(label_map)
     _check_fits(array, label_map, datasets, path)
     info = labels if isinstance(labels, LabelInfo) else LabelInfo.from_labels(labels)
-    version = autoseg_version()
     segments = _segments(info)
     descriptions = []
     for number, (name, _, parameters) in enumerate(segments, start=1):
         algorithm = highdicom.AlgorithmIdentificationSequence(
-            name="autoseg", family=codes.DCM.ArtificialIntelligence, version=version, parameters=parameters)
+            name="autoseg", family=codes.DCM.ArtificialIntelligence, version=__version__, parameters=parameters)
         # dataset.json names are free text ("liver", "tumour core"), which no code table maps
         # reliably; the generic SNOMED "Tissue" is true of every one of them, and the segment's
         # label carries the name.
@@ -161,7 +152,7 @@ def write_dicom_seg(label_map: sitk.Image | Image, source: str | os.PathLike | S
         segment_descriptions=descriptions, series_instance_uid=highdicom.UID(),
         series_number=SEG_SERIES_NUMBER_OFFSET + int(getattr(first, "SeriesNumber", 0) or 0),
         sop_instance_uid=highdicom.UID(), instance_number=1, manufacturer="autoseg",
-        manufacturer_model_name="autoseg", software_versions=version, device_serial_number="0",
+        manufacturer_model_name="autoseg", software_versions=__version__, device_serial_number="0",
         series_description="autoseg segmentation", content_label="AUTOSEG",
         # highdicom keeps every frame of an empty map anyway (and warns); say so up front.
         omit_empty_frames=bool(pixels.any()))

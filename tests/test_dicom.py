@@ -26,7 +26,6 @@ from autoseg.cli import main
 from autoseg.dicom import (
     MISSING_EXTRA,
     DicomError,
-    autoseg_version,
     dicom_libraries,
     is_dicom_seg,
     read_dicom_seg,
@@ -157,8 +156,8 @@ def test_seg_references_the_series_and_names_its_segments(predictions: dict[str,
     assert seg.SegmentationType == "BINARY"
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["liver", "lesion"]
     algorithm = seg.get_segment_description(1).algorithm_identification
-    assert (algorithm[0].AlgorithmName, algorithm[0].AlgorithmVersion) == ("autoseg", autoseg_version())
-    assert (seg.Manufacturer, seg.SoftwareVersions) == ("autoseg", autoseg_version())
+    assert (algorithm[0].AlgorithmName, algorithm[0].AlgorithmVersion) == ("autoseg", autoseg.__version__)
+    assert (seg.Manufacturer, seg.SoftwareVersions) == ("autoseg", autoseg.__version__)
     assert seg.PatientID == "P001"
 
 
