@@ -18,7 +18,11 @@ What is checked:
   direction within the tolerances below;
 * intensities are finite and not one constant value;
 * labels are whole numbers and only use values declared in ``dataset.json``;
-* 2D and 3D cases are not mixed.
+* 2D and 3D cases are not mixed, and no image is a single voxel.
+
+:func:`require_valid_dataset` runs these checks at the start of ``plan`` and ``preprocess``:
+errors stop the stage, warnings are printed. Its verdict is kept in ``WORK/validation.json``
+with the dataset's hash, so a later stage on the unchanged dataset reads no voxel again.
 
 Geometry tolerances (the reference is channel 0 of the case, or its first readable channel):
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,14 +59,21 @@ from autoseg.dataset import (
     index_cases,
     parse_dataset_json,
 )
+from autoseg.errors import AutosegError
+from autoseg.fingerprint import dataset_hash
 from autoseg.io import SUPPORTED_ENDINGS, Image, ImageReadError, file_ending, read_image
 from autoseg.nifti_bytes import check_nifti_bytes
+from autoseg.processes import exit_with_parent
+from autoseg.utils import atomic_write_json
 
 SPACING_RTOL = 1e-4
 ORIGIN_ATOL_MM = 1e-3
 ORIGIN_SPACING_FRACTION = 1e-4
 DIRECTION_ATOL = 1e-4
 
+
+VALIDATION_FILE = "validation.json"
+_SHOWN_ERRORS = 30
 
 # Listing every bad value of a 512^3 label map helps nobody; a few examples make the point.
 MAX_LISTED = 10
@@ -148,6 +160,64 @@ def validate_dataset(dataset_dir: str | os.PathLike, n_jobs: int = 1, progress: 
     return problems
 
 
+class DatasetValidationError(AutosegError):
+    """The dataset fails :func:`validate_dataset`'s checks; the message lists each problem and its file."""
+
+
+def require_valid_dataset(dataset_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None,
+                          n_jobs: int = 1, progress: bool = False) -> list[Problem]:
+    """Check a dataset before a stage computes from it: errors stop it, warnings are printed (stderr).
+
+    Args:
+        dataset_dir: the raw dataset.
+        work_dir: where to keep the verdict (``validation.json``, keyed by the dataset's hash) so
+            that the next stage on an unchanged dataset does not read it again; None keeps nothing.
+        n_jobs: cases read in parallel.
+        progress: show a progress bar.
+
+    Returns:
+        the warnings.
+
+    Raises:
+        DatasetValidationError: one line per error, each naming its file.
+    """
+    dataset_dir = Path(dataset_dir)
+    cache = Path(work_dir) / VALIDATION_FILE if work_dir is not None else None
+    try:
+        key: str | None = dataset_hash(dataset_dir)
+    except Exception:  # dataset.json or a file is unreadable: the full check says which
+        key = None
+    problems = _cached_problems(cache, key)
+    if problems is None:
+        problems = validate_dataset(dataset_dir, n_jobs=n_jobs, progress=progress)
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity == "warning"]
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if len(errors) == 1:  # one line, like every other error of a stage
+        raise DatasetValidationError(f"{dataset_dir}: the dataset has a problem to fix first: {errors[0]}")
+    if errors:
+        shown = "\n".join(f"- {p}" for p in errors[:_SHOWN_ERRORS])
+        more = f"\n- ... and {len(errors) - _SHOWN_ERRORS} more" if len(errors) > _SHOWN_ERRORS else ""
+        raise DatasetValidationError(f"{dataset_dir}: the dataset has {_plural(len(errors), 'problem')} to fix "
+                                     f"first (`autoseg validate {dataset_dir}` shows the full report):\n{shown}{more}")
+    if cache is not None and key is not None:
+        atomic_write_json(cache, {"dataset_hash": key, "warnings": [[p.path, p.message] for p in warnings]})
+    return warnings
+
+
+def _cached_problems(cache: Path | None, key: str | None) -> list[Problem] | None:
+    if cache is None or key is None or not cache.is_file():
+        return None
+    try:
+        data = json.loads(cache.read_text())
+        if data.get("dataset_hash") != key:
+            return None
+        return [Problem(path, message, "warning") for path, message in data["warnings"]]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return None  # unreadable: check again
+
+
 def check_case(case: CaseFiles, label_values: frozenset[int] | None) -> CaseReport:
     """Read one case once and check its files, their geometry, intensities and label values.
 
@@ -167,6 +237,7 @@ def check_case(case: CaseFiles, label_values: frozenset[int] | None) -> CaseRepo
         else:
             problems += _geometry_problems(path, image, *reference, what="channel")
         problems += _intensity_problems(path, image.array)
+        problems += _size_problems(path, image.array)
         problems += _spacing_sanity(path, image.spacing)
 
     if case.label is not None:
@@ -356,6 +427,12 @@ def _geometry_problems(path: Path, image: Image, ref_path: Path, ref: Image, wha
     return [Problem(str(path), m) for m in problems]
 
 
+def _size_problems(path: Path, array: np.ndarray) -> list[Problem]:
+    if array.size > 1:
+        return []
+    return [Problem(str(path), f"has shape {array.shape}: a single voxel is not an image to segment")]
+
+
 def _spacing_sanity(path: Path, spacing: tuple[float, ...]) -> list[Problem]:
     if all(np.isfinite(s) and s > 0 for s in spacing):
         return []
@@ -411,13 +488,15 @@ def _check_cases(cases: list[CaseFiles], label_values: frozenset[int] | None, n_
 
     if n_jobs == 1 or len(cases) <= 1:
         results: Iterable[CaseReport] = (check_case(case, label_values) for case in cases)
-    else:
-        from joblib import Parallel, delayed
+        return list(tqdm(results, total=len(cases), desc="validate", unit="case", disable=not progress))
+    from joblib import Parallel, delayed, parallel_config
 
+    # the workers exit with this process, even after kill -9 (before their first task too)
+    with parallel_config(backend="loky", initializer=exit_with_parent, initargs=(os.getpid(),)):
         # A generator keeps case order and lets the bar advance as cases finish.
         results = Parallel(n_jobs=min(n_jobs, len(cases)), return_as="generator")(
             delayed(check_case)(case, label_values) for case in cases)
-    return list(tqdm(results, total=len(cases), desc="validate", unit="case", disable=not progress))
+        return list(tqdm(results, total=len(cases), desc="validate", unit="case", disable=not progress))
 
 
 def _mixed_dimensionality(reports: list[CaseReport], images_dir: Path) -> list[Problem]:
