@@ -71,11 +71,11 @@ def exit_with_parent(main_pid: int | None, parent_death_signal: bool = False) ->
             pass  # the watcher below still ends it
     if not _alive(main_pid):
         os._exit(1)  # the parent died before this process got here
-    threading.Thread(target=_watch, args=(parent,), name="autoseg-exit-with-parent", daemon=True).start()
+    threading.Thread(target=_watch, args=(parent, main_pid), name="autoseg-exit-with-parent", daemon=True).start()
 
 
-def _watch(parent: int) -> None:
-    while os.getppid() == parent:
+def _watch(parent: int, main_pid: int) -> None:
+    while os.getppid() == parent and _alive(main_pid):
         time.sleep(WATCH_INTERVAL)
     os._exit(1)
 

@@ -105,7 +105,7 @@ def _stage_predict(params: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         predict_folder(params["work"], case_dir, output / case_dir.name, configuration=params["configuration"],
                        folds=["all"], device=params["device"], tta=params["tta"], step=params.get("step", 0.5),
-                       overwrite=True, checkpoint="latest", progress=False)
+                       overwrite=True, checkpoint="latest", progress=False, runtime=params.get("runtime", "torch"))
         elapsed = time.perf_counter() - started
         if measured:
             seconds.append(elapsed)
@@ -124,11 +124,11 @@ def _stage_main(argv: Sequence[str]) -> int:
               file=sys.stderr)
         return 2
     stage, params_path, result_path = argv
-    # run_measured starts this process in a session of its own (so a timeout can end its whole
-    # group); it must still end when the benchmark does, even a benchmark killed with -9
-    exit_with_parent(os.getppid(), parent_death_signal=True)
     params = read_json(params_path)
     assert isinstance(params, dict)
+    # run_measured starts this process in a session of its own (so a timeout can end its whole
+    # group); it must still end when the benchmark does, even a benchmark killed with -9
+    exit_with_parent(int(params.get("parent_pid", os.getppid())), parent_death_signal=True)
     result = _STAGE_FUNCTIONS[stage](params)
     atomic_write_json(result_path, result)
     return 0
@@ -142,9 +142,11 @@ def run_stage(stage: str, params: Mapping[str, Any], folder: str | os.PathLike,
         BenchmarkError: the stage process failed (the message holds the end of its output).
     """
     folder = Path(folder)
-    tag = f"{stage}_{params.get('configuration', '')}_{'tta' if params.get('tta') else ''}".rstrip("_")
+    runtime = params.get("runtime", "torch")
+    tag = (f"{stage}_{params.get('configuration', '')}_{'tta' if params.get('tta') else ''}"
+           f"{'' if runtime == 'torch' else '_' + runtime}").replace("__", "_").rstrip("_")
     params_path, result_path = folder / f"{tag}.params.json", folder / f"{tag}.result.json"
-    atomic_write_json(params_path, dict(params))
+    atomic_write_json(params_path, {**params, "parent_pid": os.getpid()})
     result_path.unlink(missing_ok=True)
     measured = run_measured([sys.executable, "-m", "autoseg.bench.stages", stage, params_path, result_path],
                             log_path=folder / f"{tag}.log", timeout=timeout)
