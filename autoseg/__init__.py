@@ -16,16 +16,18 @@ so the model is not good, only complete):
     >>> summaries = autoseg.preprocess(tmp / "work", configurations=["3d_fullres"], n_jobs=1)
     >>> short = autoseg.TrainOverrides(epochs=1, iterations_per_epoch=1, validation_iterations=1)
     >>> fold_dir = autoseg.train(tmp / "work", "3d_fullres", 0, overrides=short, workers=0, progress=False)
-    >>> predictor = autoseg.Predictor.from_model(tmp / "work", device="cpu")
-    >>> channels = sorted((dataset / "imagesTs").glob("mri_000_*.nii.gz"))
+    >>> predictor = autoseg.Predictor.from_model(tmp / "work", device="cpu", tta=False)
+    >>> channels = sorted((dataset / "imagesTs").iterdir())   # one test case: CASE_0000 ... CASE_0003
     >>> labels = predictor.predict([str(path) for path in channels])   # a SimpleITK.Image
     >>> import SimpleITK as sitk
     >>> labels.GetSize() == sitk.ReadImage(str(channels[0])).GetSize()
     True
-    >>> (tmp / "predictions").mkdir(); sitk.WriteImage(labels, str(tmp / "predictions" / "mri_000.nii.gz"))
+    >>> case = channels[0].name[: -len("_0000.nii.gz")]
+    >>> (tmp / "predictions").mkdir()
+    >>> sitk.WriteImage(labels, str(tmp / "predictions" / f"{case}.nii.gz"))
     >>> result = autoseg.evaluate(tmp / "predictions", dataset / "labelsTs", dataset_json=dataset / "dataset.json")
-    >>> sorted({row["case"] for row in result.rows})
-    ['mri_000']
+    >>> {row["case"] for row in result.rows} == {case}
+    True
 """
 
 from __future__ import annotations

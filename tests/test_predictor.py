@@ -239,3 +239,40 @@ def test_in_memory_equals_autoseg_predict_on_the_examples(kind: str, tmp_path: P
     if len(channels) > 1:  # the list-of-files input, on the four MRI channels
         from_files = predictor.predict([str(path) for path in channels])
         assert np.array_equal(sitk.GetArrayFromImage(from_files), got)
+
+
+# --- devices -----------------------------------------------------------------------------------------
+
+
+def test_resolve_device_picks_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoseg import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    assert devices.resolve_device("auto") == torch.device("cpu")
+    assert devices.resolve_device(None) == torch.device("cpu")
+    with pytest.raises(devices.DeviceError, match="torch sees no CUDA device; use --device auto or cpu"):
+        devices.resolve_device("cuda")
+    with pytest.raises(devices.DeviceError, match="Apple MPS is not available"):
+        devices.resolve_device("mps")
+    with pytest.raises(devices.DeviceError, match="unknown device 'gpu'"):
+        devices.resolve_device("gpu")
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
+    assert devices.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert devices.resolve_device("AUTO") == torch.device("cuda")
+
+
+def test_commands_with_device_default_to_auto_and_say_what_they_chose(model_dir: Path, inputs: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from autoseg import cli
+
+    parser = cli.build_parser()
+    for command in (["plan", "d"], ["train", "w", "-c", "2d", "-f", "0"], ["predict", "m", "-i", "i", "-o", "o"],
+                    ["benchmark"]):
+        assert parser.parse_args(command).device == "auto", command
+    code = cli.main(["predict", str(model_dir), "-i", str(inputs), "-o", str(tmp_path), "-c", "2d", "-f", "0",
+                     "--fast"])
+    assert code == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("device: ") and first.endswith("(auto)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -14,7 +15,9 @@ from typing import Any
 from autoseg.bench.measure import WARMUP_RUNS, machine_info, summarize, training_figures
 from autoseg.bench.stages import BenchmarkError, run_stage
 from autoseg.dataset import IMAGES_TS, index_cases, load_dataset_json, training_cases
+from autoseg.devices import resolve_device
 from autoseg.examples import make_example
+from autoseg.inference import export_networks
 from autoseg.io import read_image
 from autoseg.plan import load_plan
 from autoseg.utils import atomic_write_json
@@ -64,7 +67,7 @@ def run_benchmark(dataset: str | os.PathLike | None = None, example: str | None 
         dataset: a raw dataset folder (nnU-Net v2 layout); or
         example: ``"ct"``, ``"mri"`` or ``"2d"``: generate that example dataset (``ct`` when neither
             is given) with ``num_cases`` training cases and ``inference_cases`` test cases.
-        device: ``cpu`` or ``cuda`` (``cuda:N``).
+        device: ``cpu`` or ``cuda`` (``cuda:N``), or ``auto`` (CUDA when there is one).
         output: JSON file to write (None: write nothing).
         repeats: measured runs per figure, after one warm-up run.
         configurations: configurations to plan and measure (default: the planner's choice).
@@ -76,6 +79,9 @@ def run_benchmark(dataset: str | os.PathLike | None = None, example: str | None 
         work_dir: keep every artifact here (default: a temporary folder, deleted at the end).
         stages: the stages to run, in order (later stages need the earlier ones' outputs).
         verbose: print each figure as it is measured, and the summary table.
+
+    On the CPU, with the onnx extra installed, inference is also measured with the network in
+    onnxruntime (``onnx_no_tta``: exported from the same checkpoint, the same pipeline around it).
 
     Returns:
         The results (also written to ``output``): ``schema``, ``machine``, ``settings``, one entry
@@ -93,7 +99,7 @@ def run_benchmark(dataset: str | os.PathLike | None = None, example: str | None 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    device = str(device)
+    device = str(resolve_device(device)) if str(device) == "auto" else str(device)
     _check_device(device)
     if dataset is None:
         example = example or "ct"
@@ -271,8 +277,8 @@ def inference_inputs(dataset_dir: str | os.PathLike, destination: str | os.PathL
 def _bench_predict(ctx: _Context) -> None:
     plan = load_plan(ctx.work)
     inputs = inference_inputs(ctx.dataset, ctx.folder / "inference_input", ctx.inference_cases)
-    voxels = {folder.name: n for folder, n in inputs}
-    ctx.results["predict"] = {"cases": len(inputs), "voxels_per_case": voxels, "configurations": {}}
+    ctx.results["predict"] = {"cases": len(inputs), "voxels_per_case": {f.name: n for f, n in inputs},
+                              "configurations": {}}
     for name in plan.configurations:
         if _skip_cascade(ctx, "predict", plan.configuration(name)):
             continue
@@ -281,24 +287,43 @@ def _bench_predict(ctx: _Context) -> None:
             continue
         entry: dict[str, Any] = {}
         for tta in (False, True):
-            label = "tta" if tta else "no_tta"
-            try:
-                params = {"work": str(ctx.work), "configuration": name, "device": ctx.device, "repeats": ctx.repeats,
-                          "tta": tta, "case_dirs": [str(f) for f, _ in inputs],
-                          "output": str(ctx.folder / f"predictions_{name}_{label}")}
-                result, measured = run_stage("predict", params, ctx.folder)
-                speeds = [voxels[case] / s for case, runs in result["per_case"].items() for s in runs]
-                entry[label] = {"seconds_per_case": summarize(result["seconds"]),
-                                "voxels_per_second": summarize(speeds), **measured.memory()}
-                for key in ("peak_gpu_allocated_gb", "peak_gpu_reserved_gb"):
-                    if key in result:
-                        entry[label][key] = result[key]
-                ctx.say(f"[predict] {name} {label}: {_fmt_stat(entry[label]['seconds_per_case'], 's/case')}, "
-                        f"peak {measured.peak_tree_rss_mb:.0f} MiB")
-            except Exception as error:
-                ctx.errors[f"predict/{name}/{label}"] = f"{type(error).__name__}: {error}"
-                ctx.say(f"[predict] {name} {label} failed: {ctx.errors[f'predict/{name}/{label}']}")
+            _measure_predict(ctx, name, "tta" if tta else "no_tta", inputs, entry, tta=tta)
+        if onnx_comparable(ctx.device):
+            # The same prediction with the network in onnxruntime (exported from the same checkpoint):
+            # what deploying without torch costs or gains on this CPU.
+            _measure_predict(ctx, name, "onnx_no_tta", inputs, entry, tta=False, runtime="onnx")
         ctx.results["predict"]["configurations"][name] = entry
+
+
+def onnx_comparable(device: str) -> bool:
+    """Whether the benchmark also measures onnxruntime: on the CPU, with the onnx extra installed."""
+    return device == "cpu" and all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def _measure_predict(ctx: _Context, name: str, label: str, inputs: list[tuple[Path, int]], entry: dict[str, Any],
+                     tta: bool, runtime: str = "torch") -> None:
+    voxels = {folder.name: n for folder, n in inputs}
+    try:
+        model = ctx.work
+        if runtime != "torch":
+            model = ctx.folder / f"{runtime}_{name}"
+            shutil.rmtree(model, ignore_errors=True)  # an earlier run's export, with --work kept
+            export_networks(ctx.work, model, runtime, configurations=[name], checkpoint="latest")
+        params = {"work": str(model), "configuration": name, "device": ctx.device, "repeats": ctx.repeats,
+                  "tta": tta, "runtime": runtime, "case_dirs": [str(f) for f, _ in inputs],
+                  "output": str(ctx.folder / f"predictions_{name}_{label}")}
+        result, measured = run_stage("predict", params, ctx.folder)
+        speeds = [voxels[case] / s for case, runs in result["per_case"].items() for s in runs]
+        entry[label] = {"seconds_per_case": summarize(result["seconds"]),
+                        "voxels_per_second": summarize(speeds), **measured.memory()}
+        for key in ("peak_gpu_allocated_gb", "peak_gpu_reserved_gb"):
+            if key in result:
+                entry[label][key] = result[key]
+        ctx.say(f"[predict] {name} {label}: {_fmt_stat(entry[label]['seconds_per_case'], 's/case')}, "
+                f"peak {measured.peak_tree_rss_mb:.0f} MiB")
+    except Exception as error:
+        ctx.errors[f"predict/{name}/{label}"] = f"{type(error).__name__}: {error}"
+        ctx.say(f"[predict] {name} {label} failed: {ctx.errors[f'predict/{name}/{label}']}")
 
 
 # --- report -------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from autoseg.inference.runtimes import (
     ONNX_INPUT,
     ONNX_OUTPUT,
     ExportedNetwork,
-    OnnxNetwork,
+    load_exported_network,
     require_onnx,
 )
 from autoseg.model_archive import CONFIGURATION_FILES, MANIFEST, TOP_FILES, ModelArchiveError
@@ -77,8 +77,8 @@ def export_networks(work_dir: str | os.PathLike, out_dir: str | os.PathLike, for
         raise ModelArchiveError(f"unknown network format {format!r}; choose onnx or torchscript (or zip with "
                                 "export_model)")
     if format == "onnx":
-        require_onnx("onnx export")
-        require_onnx("onnx")  # the export is checked with onnxruntime
+        # torch's exporter writes with onnx; each export is checked with onnxruntime
+        require_onnx("onnx export", ("onnx", "onnxruntime"))
     work, out = Path(work_dir), Path(out_dir)
     if not (work / "plan.json").is_file():
         raise ModelArchiveError(f"{work / 'plan.json'}: missing; {work} is not a work or model folder")
@@ -182,7 +182,7 @@ def _to_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> No
 def _check(network: nn.Module, path: Path, format: str, example: torch.Tensor, source: Path) -> None:
     """The exported network gives the torch network's logits on the example tile and on a larger one."""
     larger = torch.cat([example, example.flip(-1)], dim=-1)  # another spatial size: the axes are dynamic
-    exported = OnnxNetwork(path, torch.device("cpu")) if format == "onnx" else torch.jit.load(str(path))
+    exported = load_exported_network(path.parent, format, torch.device("cpu"))
     for tile in (example, larger):
         with torch.no_grad():
             expected = network(tile)

@@ -6,11 +6,15 @@ the cascade's earlier grids), :meth:`Predictor.infer` (sliding window, mirroring
 cascade stages, the CRF step), :meth:`Predictor.restore` (largest-component steps, back to the
 input's grid). The folder pipeline only adds reading files, threads and writing files.
 
-Example:
+Example (``model_dir``: a work folder of a one-channel 3D model):
     >>> import numpy as np
     >>> from autoseg import Predictor
-    >>> predictor = Predictor.from_model(model_dir, device="cpu")       # doctest: +SKIP
-    >>> labels = predictor.predict(np.zeros((32, 64, 64), np.float32), spacing=(3.0, 1.0, 1.0))  # doctest: +SKIP
+    >>> predictor = Predictor.from_model(model_dir, device="cpu")
+    >>> volume = np.zeros((12, 32, 32), np.float32)
+    >>> volume[2:10, 8:24, 8:24] = 200.0
+    >>> labels = predictor.predict(volume, spacing=(3.0, 1.0, 1.0))
+    >>> labels.GetSize(), labels.GetSpacing()
+    ((32, 32, 12), (1.0, 1.0, 3.0))
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ class Predictor:
     Make one with :meth:`from_model`. :meth:`predict` is serialised by a lock: two threads may call
     it at once, the second waits for the first (the networks and the device are shared).
 
-    Example:
-        >>> predictor = Predictor.from_model("work/ct")                      # doctest: +SKIP
-        >>> labels = predictor.predict("scan_0000.nii.gz")                   # doctest: +SKIP
-        >>> labels, probabilities = predictor.predict(image, return_probabilities=True)  # doctest: +SKIP
+    Example (``model_dir``: a work folder, ``scan``: an image file):
+        >>> predictor = Predictor.from_model(model_dir)          # device auto: CUDA, MPS or CPU
+        >>> labels = predictor.predict(scan)                     # a SimpleITK.Image on the scan's grid
+        >>> labels, probabilities = predictor.predict(scan, return_probabilities=True)
+        >>> probabilities.shape[1:] == labels.GetSize()[::-1]   # (K, z, y, x) against ITK's (x, y, z)
+        True
     """
 
     def __init__(self, model: TrainedModel, step: float = 0.5, tta: bool = True, progress: bool = False,

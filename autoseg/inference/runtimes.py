@@ -13,6 +13,7 @@ hash), which stand in for what a checkpoint records.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,13 +39,12 @@ class RuntimeMissingError(AutosegError, ImportError):
     """An optional extra that a runtime or export format needs is not installed."""
 
 
-def require_onnx(purpose: str = "onnx") -> Any:
-    """``onnxruntime`` (and, for export, ``onnx``), or a one-line error saying how to install them.
+def require_onnx(purpose: str = "the onnx runtime", modules: tuple[str, ...] = ("onnxruntime",)) -> Any:
+    """The first of ``modules`` (all imported), or a one-line error saying how to install them.
 
     Raises:
         RuntimeMissingError: the ``onnx`` extra is not installed.
     """
-    modules = ("onnx", "onnxscript") if purpose == "onnx export" else ("onnxruntime",)
     try:
         loaded = [importlib.import_module(name) for name in modules]
     except ImportError:
@@ -107,5 +107,7 @@ def load_exported_network(fold_dir: Path, runtime: Runtime, device: torch.device
     path = fold_dir / NETWORK_FILES[runtime]
     if runtime == "onnx":
         return OnnxNetwork(path, device)
-    network = torch.jit.load(str(path), map_location=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript for torch.export
+        network = torch.jit.load(str(path), map_location=device)
     return network.eval()
