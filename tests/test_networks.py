@@ -7,6 +7,7 @@ registered by then (including the plugin registered below) must pass every test 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import pytest
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from autoseg.networks import (
+    AnatomicalPriorNetwork,
+    PriorSettings,
     available_networks,
     build_network,
     check_input_size,
@@ -21,6 +24,7 @@ from autoseg.networks import (
     count_parameters,
     cumulative_strides,
     describe_network,
+    prior_settings,
     register_network,
     resenc_topology,
     valid_input_size,
@@ -149,6 +153,60 @@ def test_stems_work_in_front_of_every_architecture(arch: str, stem: dict) -> Non
     assert net(torch.randn(1, 2, 8, 16, 16)).shape == (1, 3, 8, 16, 16)
     with pytest.raises(ValueError, match="channel"):
         net(torch.randn(1, 1, 8, 16, 16))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_anatomical_prior_wraps_every_architecture(arch: str, case: str) -> None:
+    """The prior option: same outputs as the plain network, every parameter (prior included)
+    learns, the prior's logits are kept for its own loss, and the fusion never goes below the floor."""
+    torch.manual_seed(0)
+    topology = tiny_topology(case, anatomical_prior=True)
+    net = build_network(topology, arch=arch).train()
+    assert isinstance(net, AnatomicalPriorNetwork) and "prior" in dict(net.named_children())
+    size = INPUT_SIZE[case]
+    x = torch.randn(2, 1, *size)
+    outputs = net(x)
+    assert net.output_strides == cumulative_strides(topology)[:-1]
+    assert [tuple(o.shape) for o in outputs] == [
+        (2, 3, *(s // k for s, k in zip(size, stride))) for stride in net.output_strides]
+    prior_logits = net.prior_logits
+    assert prior_logits is not None and prior_logits.shape[:2] == (2, 3)
+    # the prior's own term and the fused outputs' loss reach every parameter
+    target = torch.randint(0, 3, (2, *size))
+    loss = sum(F.cross_entropy(o, F.interpolate(target[:, None].float(), size=o.shape[2:])[:, 0].long())
+               for o in outputs) + F.binary_cross_entropy_with_logits(prior_logits, torch.rand_like(prior_logits))
+    loss.backward()
+    for name, parameter in net.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{name} learned nothing"
+    with torch.no_grad():
+        net.eval()
+        fused = net(x)
+        plain = net.network(x)
+        assert fused.shape == (2, 3, *size)
+        # log-prior fusion, bounded: no structure is ever made impossible
+        assert torch.all(fused - plain >= math.log(net.settings.floor) - 1e-5)
+        assert torch.all(fused - plain <= 1e-5)
+        probabilities = net.prior_probabilities(x)
+        assert probabilities.shape == (2, 3, *size) and probabilities.min() >= net.settings.floor - 1e-6
+        net.deep_supervision = False
+        assert net.train()(x).shape == (2, 3, *size)
+
+
+def test_anatomical_prior_options() -> None:
+    assert prior_settings(tiny_topology("2d")) is None
+    assert prior_settings(tiny_topology("2d", anatomical_prior=False)) is None
+    assert prior_settings(tiny_topology("2d", anatomical_prior=True)) == PriorSettings()
+    net = build_network(tiny_topology("3d_aniso", anatomical_prior={"downsample": 8, "floor": 0.1}))
+    assert net.prior.pool == (1, 4, 4)  # limited to the total stride (1, 4, 4): every valid size stays valid
+    assert net.settings.floor == 0.1
+    stemmed = build_network(tiny_topology("3d_aniso", in_channels=2, fusion="per_channel", anatomical_prior=True))
+    assert "stem" in dict(stemmed.network.named_children())
+    assert stemmed.eval()(torch.randn(1, 2, 8, 16, 16)).shape == (1, 3, 8, 16, 16)
+    for options, message in [({"floor": 0.0}, "impossible"), ({"size": 3}, "unknown key"),
+                             ("yes", "true, false or a mapping")]:
+        with pytest.raises(ValueError, match=message):
+            build_network(tiny_topology("2d", anatomical_prior=options))
 
 
 def test_stem_structure() -> None:

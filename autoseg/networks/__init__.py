@@ -19,7 +19,8 @@ naming the valid sizes (:func:`valid_input_size`, :func:`check_input_size`).
 Options read from ``topology.options`` (all optional): ``norm``, ``activation`` (see
 :mod:`autoseg.networks.blocks`), ``fusion`` and ``multiscale_stem`` (:mod:`autoseg.networks.stems`),
 ``blocks_per_stage`` (resenc), ``vnet_kernel`` (vnet), ``unetpp_supervision`` and
-``pruned_depth`` (unetpp), ``attention_channels`` (attention_unet).
+``pruned_depth`` (unetpp), ``attention_channels`` (attention_unet), ``anatomical_prior``
+(:mod:`autoseg.networks.prior`: a prior network fused with any architecture's logits).
 """
 
 from __future__ import annotations
@@ -29,13 +30,17 @@ from autoseg.networks import attention_unet, resenc, unet, unetpp, vnet  # noqa:
 from autoseg.networks.build import build_network, resolve_topology
 from autoseg.networks.describe import count_parameters, describe_network
 from autoseg.networks.memory import MemoryEstimate, estimate_training_memory
+from autoseg.networks.prior import PRIOR_OPTION, AnatomicalPriorNetwork, PriorSettings, prior_settings
 from autoseg.networks.registry import available_networks, get_builder, register_network, unregister_network
 from autoseg.networks.resenc import RESENC_PRESETS, resenc_topology
 from autoseg.networks.sizes import check_input_size, cumulative_strides, valid_input_size
 from autoseg.networks.unet import classic_unet_2d_topology
 
 __all__ = [
+    "PRIOR_OPTION",
     "RESENC_PRESETS",
+    "AnatomicalPriorNetwork",
+    "PriorSettings",
     "MemoryEstimate",
     "available_networks",
     "build_network",
@@ -46,6 +51,7 @@ __all__ = [
     "describe_network",
     "estimate_training_memory",
     "get_builder",
+    "prior_settings",
     "register_network",
     "unregister_network",
     "resenc_topology",

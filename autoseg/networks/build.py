@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from autoseg.networks.prior import AnatomicalPriorNetwork, prior_settings
 from autoseg.networks.registry import get_builder
 from autoseg.networks.stems import StemmedNetwork, build_stem
 from autoseg.plan import Configuration, Topology
@@ -38,12 +39,16 @@ def build_network(spec: Topology | Configuration, arch: str | None = None, **ove
     """Build the network ``arch`` (default: ``spec``'s own) sized by ``spec``'s topology.
 
     Weights are initialised deterministically from torch's global seed. A stem asked for in the
-    options (per-channel fusion, multi-scale) is put in front of the architecture.
+    options (per-channel fusion, multi-scale) is put in front of the architecture; the anatomical
+    prior (``options["anatomical_prior"]``, :mod:`autoseg.networks.prior`) is fused with the result.
     """
     topology = resolve_topology(spec, arch, **overrides)
     builder = get_builder(topology.arch)
+    prior = prior_settings(topology)  # validated before anything is built
     stem = build_stem(topology)
     if stem is None:
-        return builder(topology)
-    body = builder(dataclasses.replace(topology, in_channels=stem.out_channels))
-    return StemmedNetwork(topology, stem, body)
+        network = builder(topology)
+    else:
+        network = StemmedNetwork(topology, stem,
+                                 builder(dataclasses.replace(topology, in_channels=stem.out_channels)))
+    return network if prior is None else AnatomicalPriorNetwork(topology, network, prior)

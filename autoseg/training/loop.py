@@ -95,7 +95,7 @@ from autoseg.training.distributed import (
 )
 from autoseg.training.errors import TrainingError
 from autoseg.training.labels import LabelInfo
-from autoseg.training.losses import build_loss
+from autoseg.training.losses import build_loss, prior_loss_term
 from autoseg.training.pretrained import adopt_topology, load_matching_weights, load_pretrained
 from autoseg.training.previous_stage import PreviousStage, prepare_previous_stage, previous_stage_splits
 from autoseg.training.splits import fold_cases, load_or_create_splits
@@ -587,7 +587,7 @@ def _train_step(run: _Run, batch: Mapping[str, Any]) -> float:
     optimizer.zero_grad(set_to_none=True)
     with autocast(run.device, run.precision):
         output = run.model(data)
-    loss = run.loss(output, target)  # float32: the losses cast the logits up
+    loss = run.loss(output, target) + prior_loss_term(run.network, target, run.label_info)  # in float32
     scaler.scale(loss).backward()  # a disabled scaler (no float16) passes the loss through
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(run.network.parameters(), run.schedule.grad_clip)

@@ -199,6 +199,36 @@ def downsample_target(target: torch.Tensor, shape: Sequence[int]) -> torch.Tenso
     return F.interpolate(target.float(), size=tuple(shape), mode="nearest").to(target.dtype)
 
 
+def anatomical_prior_loss(prior_logits: torch.Tensor, target: torch.Tensor, regions: bool) -> torch.Tensor:
+    """The anatomical prior's own term (:mod:`autoseg.networks.prior`): binary cross-entropy of its
+    low-resolution logits against the fraction of each prior cell that each output channel covers
+    (the target average-pooled to the prior's grid), ignored voxels left out of the fraction.
+
+    A probability per structure and place, not a class decision: each channel is scored alone,
+    background included for softmax outputs.
+    """
+    logits = prior_logits.float()
+    valid = _valid_mask(target)
+    truth = target.clamp_min(0).float() * valid if regions else _one_hot(target, logits.shape[1])
+    pool = F.adaptive_avg_pool2d if logits.ndim == 4 else F.adaptive_avg_pool3d
+    covered = pool(valid, logits.shape[2:])  # the valid fraction of each cell
+    fraction = (pool(truth, logits.shape[2:]) / covered.clamp_min(1e-6)).clamp(0.0, 1.0)
+    bce = F.binary_cross_entropy_with_logits(logits, fraction, reduction="none")
+    return (bce * covered).sum() / (covered.sum() * logits.shape[1]).clamp_min(1e-6)
+
+
+def prior_loss_term(network: nn.Module, target: torch.Tensor, label_info: LabelInfo) -> torch.Tensor | float:
+    """The weighted prior term of the network's last training forward; 0 for a network without a prior.
+
+    The prior's logits are taken from the network once (so a step's graph is not kept alive).
+    """
+    prior_logits = getattr(network, "prior_logits", None)
+    if prior_logits is None:
+        return 0.0
+    network.prior_logits = None
+    return network.prior_loss_weight * anatomical_prior_loss(prior_logits, target, label_info.is_regions)
+
+
 class DeepSupervisionLoss(nn.Module):
     """Apply ``loss`` to each output (highest resolution first) with a weight per output.
 
