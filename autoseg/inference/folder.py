@@ -18,20 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoseg.cluster import connect
-from autoseg.constants import DEFAULT_FILE_ENDING, OUTPUT_FORMAT_NAMES
-from autoseg.dataset import (
-    CHANNEL_SUFFIX,
-    CaseFiles,
-    CaseIndex,
-    DatasetJson,
-    index_cases,
-    load_case,
-    load_dataset_json,
-)
+from autoseg.dataset import CHANNEL_SUFFIX, CaseFiles, DatasetJson, index_cases, load_case, load_dataset_json
 from autoseg.devices import resolve_device
-from autoseg.dicom import DICOM_SEG_ENDING, series_cases, write_dicom_seg
-from autoseg.inference.distributed import CaseWriter, PredictorOptions, predict_on_cluster
 from autoseg.inference.model import PredictionError, resolve_configuration, resolve_folds
 from autoseg.inference.pipeline import PreparedCase, run_pipeline
 from autoseg.inference.predictor import Predictor
@@ -63,9 +51,6 @@ def predict_folder(
     progress: bool = True,
     precision: str = "auto",
     runtime: Runtime = "torch",
-    output_format: str = "nifti",
-    scheduler: str | None = None,
-    devices: Sequence[str] | None = None,
 ) -> list[Path]:
     """Segment every case of a folder and write the results in the inputs' own geometry and format.
 
@@ -90,13 +75,6 @@ def predict_folder(
             ``fp32``, ``bf16`` or ``fp16`` (CUDA); see :mod:`autoseg.precision`.
         runtime: ``torch``, or ``onnx`` / ``torchscript`` for a folder from ``autoseg export-model
             --format onnx|torchscript`` (the same preprocessing, tiling, TTA and export around it).
-        output_format: ``nifti`` (label maps in the inputs' format; the dataset's file ending for
-            DICOM series inputs, sub-folders of ``input_dir`` holding one series each), or
-            ``dicom-seg``: a DICOM Segmentation ``CASE.dcm`` per series input (:mod:`autoseg.dicom`).
-        scheduler: predict on a Dask cluster (``local:N`` or ``tcp://host:8786``): one case per
-            task, one loaded model per worker (:mod:`autoseg.inference.distributed`); the model,
-            inputs and outputs must be on storage every worker sees.
-        devices: one local worker per device (``["cuda:0", "cuda:1"]``), instead of ``scheduler``.
 
     Returns:
         The label files of every case (written now or found from an earlier run).
@@ -111,11 +89,6 @@ def predict_folder(
         raise PredictionError(f"{input_dir}: input folder does not exist")
     if not 0 < step <= 1:
         raise PredictionError(f"step must be in (0, 1], got {step}")
-    if output_format not in OUTPUT_FORMAT_NAMES:
-        raise PredictionError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMAT_NAMES)}")
-    if scheduler is not None and devices:
-        raise PredictionError("--devices starts a worker per device on this machine; use it without --scheduler")
-    original_model = model_dir
     with _model_folder(model_dir) as model_dir:
         if fast:
             name = resolve_configuration(model_dir, load_plan(model_dir), configuration, runtime)
@@ -123,51 +96,27 @@ def predict_folder(
             configuration, folds, tta, step = name, available[:1], False, FAST_STEP
         predictor = Predictor.from_model(model_dir, configuration, folds, device, tta, checkpoint, precision, step,
                                          runtime, progress)
-        on_cluster = None
-        if scheduler is not None or devices:
-            # the workers load the model themselves, from the path given (a zip too): absolute paths
-            on_cluster = (PredictorOptions(str(Path(original_model).resolve()), predictor.model.configuration.name,
-                                           tuple(f.fold for f in predictor.model.folds), predictor.tta, checkpoint,
-                                           precision, predictor.step, runtime, str(device)),
-                          scheduler if scheduler is not None else f"local:{len(devices or ())}", devices)
-        return _predict_cases(predictor, model_dir, input_dir.resolve(), output_dir.resolve(), save_probabilities,
-                              overwrite, num_workers, progress, output_format, on_cluster)
+        return _predict_cases(predictor, model_dir, input_dir, output_dir, save_probabilities, overwrite,
+                              num_workers, progress)
 
 
 def _predict_cases(predictor: Predictor, model_dir: Path, input_dir: Path, output_dir: Path,
-                   save_probabilities: bool, overwrite: bool, num_workers: int, progress: bool,
-                   output_format: str = "nifti",
-                   on_cluster: tuple[PredictorOptions, str, Sequence[str] | None] | None = None) -> list[Path]:
+                   save_probabilities: bool, overwrite: bool, num_workers: int, progress: bool) -> list[Path]:
     model = predictor.model
     dataset_json_path = WorkDir(model_dir).dataset_json
     dataset = load_dataset_json(dataset_json_path) if dataset_json_path.is_file() else None
-    series = series_cases(input_dir, len(model.plan.channel_names))  # DICOM series sub-folders, one case each
-    if output_format == "dicom-seg" and not series:
-        raise PredictionError(f"{input_dir}: --output-format dicom-seg needs DICOM series inputs (one sub-folder "
-                              "per case holding its series); found none")
-    ending = (dataset.file_ending if dataset is not None else DEFAULT_FILE_ENDING) if series \
-        else _input_ending(input_dir, dataset)
-    index = CaseIndex(series, []) if series else index_cases(input_dir, ending, len(model.plan.channel_names))
-    if output_format == "dicom-seg":
-        ending = DICOM_SEG_ENDING
+    ending = _input_ending(input_dir, dataset)
+    index = index_cases(input_dir, ending, len(model.plan.channel_names))
     for problem in index.problems:
         warnings.warn(problem, stacklevel=2)
     if not index.cases:
         raise PredictionError(f"{input_dir}: no complete case (CASE_0000{ending} ... CASE_"
                               f"{len(model.plan.channel_names) - 1:04d}{ending})")
     outputs = {c.case_id: _outputs(output_dir, c.case_id, ending, save_probabilities) for c in index.cases}
-    if output_format == "dicom-seg":
-        for case in index.cases:
-            outputs[case.case_id].dicom_series = case.images[0]
     todo = [c for c in index.cases if overwrite or not _is_done(outputs[c.case_id])]
     output_dir.mkdir(parents=True, exist_ok=True)
-    if on_cluster is not None:
-        options, scheduler, devices = on_cluster
-        with connect(scheduler) as client:
-            failures = predict_on_cluster(client, options, todo, outputs, overwrite, CaseWriter(_is_done, write_case),
-                                          devices, progress)
-    else:
-        failures = run_pipeline(CasePipeline(predictor, outputs), todo, num_workers, progress)
+    pipeline = CasePipeline(predictor, outputs)
+    failures = run_pipeline(pipeline, todo, num_workers, progress)
     written = [outputs[c.case_id].label for c in index.cases if c.case_id not in failures]
     if failures:
         lines = "\n".join(f"- {message}" for message in failures.values())
@@ -224,7 +173,6 @@ class CaseOutputs:
     label: Path
     probabilities: Path | None
     sidecar: Path | None
-    dicom_series: Path | None = None  # --output-format dicom-seg: the source series the SEG references
 
 
 class CasePipeline:
@@ -253,10 +201,7 @@ def write_case(predictor: Predictor, prepared: PreparedCase, outputs: CaseOutput
                probabilities: np.ndarray | None) -> Path:
     """Write one case's label map (in its source's geometry and format) and, if asked, probabilities."""
     reference = prepared.reference
-    if outputs.dicom_series is not None:
-        write_dicom_seg(reference.with_array(labels), outputs.dicom_series, predictor.model.label_info, outputs.label)
-    else:
-        write_like(labels, reference, outputs.label)
+    write_like(labels, reference, outputs.label)
     if probabilities is not None and outputs.probabilities is not None and outputs.sidecar is not None:
         model = predictor.model
 
