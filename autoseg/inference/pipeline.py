@@ -9,6 +9,7 @@ most one case waiting on each side). What happens to one case is :class:`autoseg
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,12 +30,26 @@ from autoseg.io import Image, ImageReadError
 from autoseg.sliding_window import sliding_window_predict
 
 
+class Members(Protocol):
+    """Receives a prediction's members (:class:`autoseg.trust.CaseMembers`): each mirrored copy's
+    probabilities (flipped back), then each fold's, then the ensemble's mean."""
+
+    def mirror(self, probabilities: torch.Tensor) -> None: ...
+
+    def fold(self, probabilities: torch.Tensor) -> None: ...
+
+    def ensemble(self, probabilities: torch.Tensor) -> None: ...
+
+
 def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, step: float = 0.5,
                          tta: bool = True, batch_size: int | None = None, progress: bool = False,
-                         accumulate_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         accumulate_dtype: torch.dtype | None = None, members: Members | None = None) -> torch.Tensor:
     """Fold-averaged probabilities ``(K, Z, Y, X)`` of a preprocessed image (cascade channels included).
 
     The result lives where the sliding window accumulated it (the model's device when it fits).
+    ``members`` (for the trust measures) is shown every fold's probabilities and, with ``tta``, every
+    mirrored copy's: the copies then run as separate sliding windows over the flipped image, the same
+    forward passes as mirroring inside the window (only CUDA's batching of the copies is lost).
     """
     if isinstance(image, np.ndarray):
         # A read-only memory map is copied once here rather than per tile.
@@ -44,11 +59,16 @@ def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, 
         raise ValueError(f"image has {image.shape[0]} channels, the networks take {model.in_channels}")
     total: torch.Tensor | None = None
     for fold in model.folds:
-        probabilities = sliding_window_predict(
-            fold.network, image, model.configuration.patch_size, step=step,
-            tta_axes=fold.mirror_axes if tta else (), batch_size=batch_size, device=model.device,
-            output_channels=model.num_outputs, activation=model.activation, accumulate_dtype=accumulate_dtype,
-            progress=progress, precision=model.precision)
+        window = dict(step=step, batch_size=batch_size, device=model.device, output_channels=model.num_outputs,
+                      activation=model.activation, accumulate_dtype=accumulate_dtype, progress=progress,
+                      precision=model.precision)
+        if members is not None and tta and fold.mirror_axes:
+            probabilities = _mirrored_members(model, fold.network, fold.mirror_axes, image, members, window)
+        else:
+            probabilities = sliding_window_predict(fold.network, image, model.configuration.patch_size,
+                                                   tta_axes=fold.mirror_axes if tta else (), **window)
+        if members is not None:
+            members.fold(probabilities)
         if total is None:
             total = probabilities
         else:
@@ -57,7 +77,27 @@ def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, 
     assert total is not None
     if len(model.folds) > 1:
         total /= len(model.folds)
+    if members is not None:
+        members.ensemble(total)
     return total
+
+
+def _mirrored_members(model: TrainedModel, network: Any, mirror_axes: Sequence[int], image: torch.Tensor,
+                      members: Members, window: dict[str, Any]) -> torch.Tensor:
+    """One fold's mirroring as one sliding window per mirrored copy, each shown to ``members``."""
+    offset = image.ndim - model.configuration.dim  # network axis a is image axis a + offset
+    combos = [combo for r in range(len(mirror_axes) + 1) for combo in itertools.combinations(sorted(mirror_axes), r)]
+    total: torch.Tensor | None = None
+    for combo in combos:
+        dims = [axis + offset for axis in combo]
+        flipped = torch.flip(image, dims) if dims else image
+        copy = sliding_window_predict(network, flipped, model.configuration.patch_size, tta_axes=(), **window)
+        if dims:
+            copy = torch.flip(copy, dims)
+        members.mirror(copy)
+        total = copy if total is None else total.add_(copy.to(total.device, total.dtype))
+    assert total is not None
+    return total.div_(len(combos))
 
 
 def cascade_channels(model: TrainedModel, previous_labels: np.ndarray, previous_properties: CaseProperties,

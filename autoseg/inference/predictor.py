@@ -31,7 +31,7 @@ import torch
 
 from autoseg.dataset import CaseData, to_3d
 from autoseg.inference.model import PredictionError, TrainedModel, load_trained_model
-from autoseg.inference.pipeline import PreparedCase, cascade_channels, predict_preprocessed
+from autoseg.inference.pipeline import Members, PreparedCase, cascade_channels, predict_preprocessed
 from autoseg.inference.runtimes import Runtime
 from autoseg.io import Image, read_image
 from autoseg.model_archive import import_model
@@ -126,12 +126,16 @@ class Predictor:
             stage = stage.previous
         return PreparedCase(data.case_id, result.image, result.properties, data.reference, previous)
 
-    def infer(self, prepared: PreparedCase, keep_probabilities: bool = False
+    def infer(self, prepared: PreparedCase, keep_probabilities: bool = False, members: Members | None = None
               ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The label map in preprocessed space (and the probabilities when ``keep_probabilities``)."""
+        """The label map in preprocessed space (and the probabilities when ``keep_probabilities``).
+
+        ``members`` receives the folds' and mirrored copies' probabilities (:class:`autoseg.trust.CaseMembers`).
+        """
         with self._lock:
             image = self._with_previous_stages(prepared)
-            probabilities = predict_preprocessed(self.model, image, self.step, self.tta, progress=self.progress)
+            probabilities = predict_preprocessed(self.model, image, self.step, self.tta, progress=self.progress,
+                                                 members=members)
             if self.crf_params is not None:
                 probabilities = crf_refine(probabilities, image[: self.model.base_channels], self.model.activation,
                                            self.crf_params, prepared.properties.spacing_after_resampling,
