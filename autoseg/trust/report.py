@@ -5,7 +5,7 @@ The page (``index.html``) needs no server: it opens from disk, with its PNGs bes
 score, :meth:`~autoseg.trust.summary.PredictionSummary.least_trusted_first`); each shows its flags,
 a table of per-class confidence and, per predicted structure, three orthogonal slices through the
 structure's centre (one for a 2D image) with the predicted contour in the class' colour and, when
-``--reference`` is given, the reference contour dashed in white.
+``--reference`` is given, the reference contour dashed in yellow.
 
 The background is the input image (``--images``: ``CASE_0000<ending>``), else the voxel-wise
 uncertainty map (``CASE_uncertainty<ending>`` written by ``predict --save-uncertainty``), else black.
@@ -34,9 +34,9 @@ from autoseg.utils import atomic_write, atomic_write_text
 __all__ = ["CLASS_COLOURS", "ReportError", "UNCERTAINTY_SUFFIX", "write_report"]
 
 # distinct, saturated colours (RGB 0-255) that survive PNG compression; class i gets colour i mod 8
-CLASS_COLOURS = ((255, 48, 48), (48, 220, 48), (64, 128, 255), (255, 200, 0), (255, 64, 255), (0, 230, 230),
-                 (255, 128, 0), (160, 96, 255))
-REFERENCE_COLOUR = (255, 255, 255)
+CLASS_COLOURS = ((255, 48, 48), (48, 220, 48), (64, 128, 255), (255, 64, 255), (0, 230, 230), (255, 128, 0),
+                 (160, 96, 255), (150, 90, 40))
+REFERENCE_COLOUR = (255, 255, 0)  # yellow, dashed: visible on bright structures, unlike white
 _DPI = 72
 _PANEL_INCHES = 2.4
 
@@ -109,7 +109,7 @@ def _render(path: Path, background: np.ndarray | None, spacing: Sequence[float],
     FigureCanvasAgg(figure)
     figure.suptitle(title, fontsize=9)
     rgb = tuple(c / 255 for c in colour)
-    white = tuple(c / 255 for c in REFERENCE_COLOUR)
+    reference_rgb = tuple(c / 255 for c in REFERENCE_COLOUR)
     for position, (name, index) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), position)
         aspect = _aspect(spacing, index)
@@ -125,7 +125,7 @@ def _render(path: Path, background: np.ndarray | None, spacing: Sequence[float],
         if reference is not None:
             reference_plane = reference[index]
             if reference_plane.any() and not reference_plane.all():
-                axes.contour(reference_plane.astype(float), levels=[0.5], colors=[white], linewidths=1.0,
+                axes.contour(reference_plane.astype(float), levels=[0.5], colors=[reference_rgb], linewidths=1.2,
                              linestyles="dashed")
         axes.set_title(name, fontsize=8)
         axes.set_axis_off()
@@ -150,7 +150,7 @@ def _case_html(case: CaseSummary, images: Sequence[tuple[str, str]], has_referen
     pictures = "".join(f'<figure><img src="{html.escape(src)}" alt="{html.escape(alt)}"></figure>'
                        for src, alt in images)
     seconds = f" &middot; {case.seconds:.1f} s" if case.seconds is not None else ""
-    legend = " &middot; white dashed: reference" if has_reference else ""
+    legend = " &middot; yellow dashed: reference" if has_reference else ""
     return (f'<section id="{html.escape(case.case_id)}"><h2>{html.escape(case.case_id)} {status}</h2>'
             f'<p class="meta">score {case.score:.2f}{seconds} &middot; {html.escape(case.label_file)}{legend}</p>'
             f'{"<ul class=flags>" + flags + "</ul>" if flags else ""}{table}{pictures}</section>')
@@ -174,7 +174,7 @@ def write_report(predictions_dir: str | os.PathLike, output_dir: str | os.PathLi
     Args:
         predictions_dir: label maps written by ``autoseg predict`` (and its ``summary.json``).
         output_dir: where the page goes (created).
-        reference_dir: reference label maps with the same file names, drawn dashed in white.
+        reference_dir: reference label maps with the same file names, drawn dashed in yellow.
         images_dir: the input images (``CASE_0000<ending>``), drawn underneath.
 
     Raises:
