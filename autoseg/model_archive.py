@@ -7,6 +7,7 @@ layout, so an imported folder is used like a work folder::
     plan.json  dataset.json  fingerprint.json
     models/<configuration>/splits.json
     models/<configuration>/postprocessing.json
+    models/<configuration>/calibration.json, reference_stats.json   (when ``autoseg calibrate`` wrote them)
     models/<configuration>/fold_<k>/checkpoint_best.pt   (checkpoint_latest.pt when a fold has no best)
     models/<configuration>/fold_<k>/{plan,overrides,schedule}.json, training_log.jsonl,
                                      validation/summary.json
@@ -35,13 +36,16 @@ from pathlib import Path, PurePosixPath
 from autoseg.atomic import current_umask, write_failure
 from autoseg.errors import AutosegError
 from autoseg.plan import PlanError, load_plan
+from autoseg.trust.calibration import CALIBRATION_FILE
+from autoseg.trust.plausibility import REFERENCE_STATS_FILE
 from autoseg.utils import atomic_write
 from autoseg.workdir import CHECKPOINT_NAMES, WorkDir
 
 MANIFEST = "autoseg_model.json"
 ARCHIVE_FORMAT = 1
 TOP_FILES = ("plan.json", "dataset.json", "fingerprint.json")
-CONFIGURATION_FILES = ("splits.json", "postprocessing.json")
+# the trust artifacts (autoseg calibrate) travel with the model: predict's summary needs them
+CONFIGURATION_FILES = ("splits.json", "postprocessing.json", CALIBRATION_FILE, REFERENCE_STATS_FILE)
 # import limits: no autoseg model comes near them; they stop a zip bomb before it fills the disk
 MAX_UNPACKED_BYTES = 20 * 1024 ** 3
 MAX_MANIFEST_BYTES = 16 * 1024 ** 2

@@ -390,3 +390,22 @@ def test_calibration_lowers_the_held_out_error_and_corrupted_inputs_are_flagged(
     label = read_image(output / clean[0].label_file)
     assert uncertainty.array.shape == label.array.shape and uncertainty.array.dtype == np.float32
     assert 0.0 <= float(uncertainty.array.min()) and float(uncertainty.array.max()) <= 1.0
+
+
+def test_exported_models_carry_the_trust_artifacts(reference, tmp_path: Path) -> None:
+    import zipfile
+
+    from test_inference import make_model
+
+    from autoseg.model_archive import export_model
+
+    work = make_model(tmp_path, folds=("0",))
+    folder = work / "models" / "3d_fullres"
+    save_calibration(Calibration(configuration="3d_fullres", activation="softmax", temperature=1.5, folds=("0",),
+                                 num_cases=2, num_voxels=10, ece_before=0.1, ece_after=0.05, nll_before=0.3,
+                                 nll_after=0.2, ece_evaluation="in sample", structure_entropy={}),
+                     folder / "calibration.json")
+    save_reference_stats(reference, folder / "reference_stats.json")
+    archive = export_model(work, tmp_path / "model.zip", configurations=["3d_fullres"])
+    names = set(zipfile.ZipFile(archive).namelist())
+    assert {"models/3d_fullres/calibration.json", "models/3d_fullres/reference_stats.json"} <= names
