@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import autoseg.trust.confidence
 import autoseg.trust.plausibility
 import autoseg.trust.summary
 from autoseg.case_properties import CaseProperties, SidecarResampling
+from autoseg.cli import main
 from autoseg.io import Image, read_image, write_image
 from autoseg.labels import LabelInfo
 from autoseg.plan import save_plan
@@ -350,12 +352,12 @@ def trained_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_calibration_lowers_the_held_out_error_and_corrupted_inputs_are_flagged(trained_example: Path) -> None:
-    from autoseg.inference import predict_folder
-    from autoseg.trust.fit import calibrate
-
+def test_calibration_lowers_the_held_out_error_and_corrupted_inputs_are_flagged(
+        trained_example: Path, capsys: pytest.CaptureFixture[str]) -> None:
     work = trained_example / "work"
-    calibration = calibrate(work, "2d", progress=False)
+    assert main(["calibrate", str(work), "-c", "2d", "--device", "cpu"]) == 0
+    assert "expected calibration error" in capsys.readouterr().out
+    calibration = load_calibration(work / "models" / "2d")
     assert calibration.ece_after < calibration.ece_before
     assert "leave-one-group-out" in calibration.ece_evaluation  # scored with temperatures fitted on other cases
     assert (work / "models" / "2d" / "calibration.json").is_file()
@@ -371,8 +373,10 @@ def test_calibration_lowers_the_held_out_error_and_corrupted_inputs_are_flagged(
         case_id = source.name[: -len("_0000.png")]
         write_corrupted(source, inputs / f"{case_id}-{kind}_0000.nii.gz", kind, rng)
     output = trained_example / "predictions"
-    predict_folder(work, inputs, output, device="cpu", tta=False, progress=False, num_workers=0,
-                   save_uncertainty=True)
+    assert main(["predict", str(work), "-i", str(inputs), "-o", str(output), "--device", "cpu", "--no-tta",
+                 "--save-uncertainty"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 8 case(s) flagged for review" in printed
 
     summary = load_summary(output)
     assert summary.temperature == pytest.approx(calibration.temperature)
@@ -386,6 +390,8 @@ def test_calibration_lowers_the_held_out_error_and_corrupted_inputs_are_flagged(
         assert INPUT_CHECK[kind] in {flag.check for flag in case.flags}, (kind, case.flags)
     ordered = PredictionSummary.least_trusted_first(summary)
     assert all(case.flags for case in ordered[:4]) and not any(case.flags for case in ordered[4:])
+    for kind in CORRUPTIONS:
+        assert re.search(rf"^  \S+-{kind}: ", printed, re.MULTILINE), kind  # each flagged case is listed
     uncertainty = read_image(output / f"{clean[0].case_id}_uncertainty.nii.gz")
     label = read_image(output / clean[0].label_file)
     assert uncertainty.array.shape == label.array.shape and uncertainty.array.dtype == np.float32

@@ -105,7 +105,8 @@ def _aspect(spacing: Sequence[float], index: tuple[int | slice, ...]) -> float:
 def _render(path: Path, background: np.ndarray | None, spacing: Sequence[float], prediction: np.ndarray,
             reference: np.ndarray | None, colour: tuple[int, int, int], title: str) -> None:
     panels = _slices(prediction if prediction.any() or reference is None else reference)
-    figure = Figure(figsize=(_PANEL_INCHES * len(panels), _PANEL_INCHES + 0.3), dpi=_DPI)
+    inches = _PANEL_INCHES if len(panels) > 1 else 1.5 * _PANEL_INCHES  # a 2D image gets one larger panel
+    figure = Figure(figsize=(inches * len(panels), inches + 0.3), dpi=_DPI)
     FigureCanvasAgg(figure)
     figure.suptitle(title, fontsize=9)
     rgb = tuple(c / 255 for c in colour)
