@@ -199,6 +199,33 @@ def test_calibration_file_round_trip_and_errors(tmp_path: Path) -> None:
         load_calibration(tmp_path / "missing")
 
 
+def test_calibration_samples_leave_out_ignored_voxels_and_keep_regions_binary() -> None:
+    from autoseg.trust.fit import calibration_samples
+
+    seg = np.array([[[0, 1, 2, 9, -1]]], np.int16)
+    plain = LabelInfo.from_labels({"background": 0, "organ": 1, "lesion": 2, "ignore": 9})
+    probabilities = np.arange(15, dtype=np.float32).reshape(3, 1, 1, 5)
+    p, t = calibration_samples(probabilities, seg, plain, 100, np.random.default_rng(0))
+    assert t.tolist() == [0, 1, 2, 0] and p[:, 0].tolist() == [0, 1, 2, 4]  # the ignored voxel is gone
+    regions = LabelInfo.from_labels({"background": 0, "whole": [1, 2], "core": [2]}, regions_class_order=[1, 2])
+    seg = np.array([[[0, 1, 2, 0, -1]]], np.int16)
+    p, t = calibration_samples(probabilities[:2], seg, regions, 100, np.random.default_rng(0))
+    assert t.tolist() == [[0, 0], [1, 0], [1, 1], [0, 0], [0, 0]] and p.shape == (5, 2)
+    p, t = calibration_samples(probabilities[:2], seg, regions, 3, np.random.default_rng(0))
+    assert p.shape == (3, 2)  # a seeded sample when there are more voxels than asked for
+
+
+def test_location_is_measured_in_the_uncropped_canonical_image() -> None:
+    """A structure at preprocessed voxel 4 of a crop that starts at 10, resampled 2x finer, lies at
+    canonical voxel 10 + (4 + 0.5) / 2 - 0.5 = 11.75 of 40: fraction (11.75 + 0.5) / 40."""
+    crop = dataclasses.replace(properties((40, 40, 40)), crop_bbox=[[10, 20], [0, 40], [0, 40]],
+                               shape_after_crop=[10, 40, 40], shape_after_resampling=[20, 40, 40])
+    labels = np.zeros((20, 40, 40), np.int16)
+    labels[4, 19:21, 19:21] = 1
+    measured = measure_case(labels, np.zeros((1, 20, 40, 40), np.float32), crop, LABELS)
+    assert measured.centroids["organ"] == pytest.approx(((11.75 + 0.5) / 40, 0.5, 0.5))
+
+
 # --- plausibility on constructed label maps -----------------------------------------------------------------
 
 
