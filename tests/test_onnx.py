@@ -144,3 +144,11 @@ def test_the_benchmark_measures_onnxruntime_on_the_cpu(example: tuple[Path, Path
     assert not ctx.errors
     assert entry["onnx_no_tta"]["seconds_per_case"]["median"] > 0
     assert "predict 3d_fullres onnx-no-tta" in bench.format_report({"predict": {"configurations": {"3d_fullres": entry}}})
+
+
+def test_the_cli_choices_are_the_library_names() -> None:
+    from autoseg import constants
+    from autoseg.inference import EXPORT_FORMATS, RUNTIMES
+
+    assert constants.RUNTIME_NAMES == RUNTIMES
+    assert constants.EXPORT_FORMAT_NAMES == EXPORT_FORMATS
