@@ -46,11 +46,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def exit_with_parent(main_pid: int | None, parent_death_signal: bool = False) -> None:
-    """Make this (worker) process exit when its parent process dies; calling it again does nothing.
+    """Make this worker process exit when its parent, ``main_pid``, dies; calling it again does nothing.
 
     Args:
-        main_pid: the process the workers serve; called in that process itself (a task run without
-            workers) or with None, nothing happens, so task functions can call this unconditionally.
+        main_pid: the process that started this one (workers are its direct children). Called in
+            that process itself (a task run without workers) or with None, nothing happens, so
+            task functions can call this unconditionally.
         parent_death_signal: also ask Linux to send SIGKILL when the parent dies. Only safe when the
             thread that started this process lives as long as its process (the kernel signals on
             the death of the creating thread): the main thread of the parent, not a pool's helper.
@@ -63,28 +64,19 @@ def exit_with_parent(main_pid: int | None, parent_death_signal: bool = False) ->
     if main_pid is None or pid == main_pid or _watching_pid == pid:
         return
     _watching_pid = pid
-    parent = os.getppid()
     if parent_death_signal and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass  # the watcher below still ends it
-    if not _alive(main_pid):
-        os._exit(1)  # the parent died before this process got here
-    threading.Thread(target=_watch, args=(parent, main_pid), name="autoseg-exit-with-parent", daemon=True).start()
+    # An orphan is adopted by another process at once (even while its dead parent is a zombie not
+    # yet reaped), so a parent id other than main_pid means the parent is gone.
+    if os.getppid() != main_pid:
+        os._exit(1)
+    threading.Thread(target=_watch, args=(main_pid,), name="autoseg-exit-with-parent", daemon=True).start()
 
 
-def _watch(parent: int, main_pid: int) -> None:
-    while os.getppid() == parent and _alive(main_pid):
+def _watch(main_pid: int) -> None:
+    while os.getppid() == main_pid:
         time.sleep(WATCH_INTERVAL)
     os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
