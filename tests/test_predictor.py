@@ -180,6 +180,20 @@ def test_a_model_zip_is_unpacked_for_the_predictor_and_removed_on_close(model_di
     assert_same_image(labels, written[0])
 
 
+@pytest.mark.parametrize("kind", ["regions", "cascade"])
+def test_regions_and_the_cascade_take_the_same_path(kind: str, inputs: Path, tmp_path: Path) -> None:
+    work = make_model(tmp_path, regions=kind == "regions", cascade=kind == "cascade", folds=("0",))
+    name = "3d_cascade_fullres" if kind == "cascade" else "3d_fullres"
+    written = predict_folder(work, inputs, tmp_path / "out", configuration=name, device="cpu", tta=False,
+                             progress=False)
+    predictor = Predictor.from_model(work, configuration=name, device="cpu", tta=False)
+    if kind == "cascade":
+        assert predictor.model.previous is not None
+    for output in written:
+        source = inputs / output.name.replace(".nii.gz", "_0000.nii.gz")
+        assert_same_image(predictor.predict(source), output)
+
+
 def test_device_auto_resolves_to_what_torch_has(model_dir: Path) -> None:
     predictor = Predictor.from_model(model_dir, configuration="3d_fullres", folds=[0])
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
