@@ -73,6 +73,7 @@ from autoseg.training.checkpoint import (
     CHECKPOINT_LATEST,
     Checkpoint,
     capture_rng_state,
+    fold_lock,
     read_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -263,15 +264,16 @@ def train(
         if context.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError("device cuda was asked for but torch sees no CUDA device; use --device cpu")
         torch.set_num_threads(num_threads or default_threads(context.world_size))
-        run = _assemble(context, Path(work_dir), configuration, fold, overrides, resume, pretrained,
-                        progress and context.is_main, precision, compile_network)
-        if time_budget is not None:
-            run.budget = _start_budget(run, started + time_budget, overrides)
-        workers = default_workers(context.world_size) if workers is None else workers
-        trained = _fit(run, workers, progress and context.is_main)
-        if trained or not (run.fold_dir / VALIDATION_DIR / "summary.json").exists():
-            _validate_fold(run, progress and context.is_main)
-        return run.fold_dir
+        with fold_lock(work_dir, configuration, fold, enabled=context.is_main):  # one run per fold
+            run = _assemble(context, Path(work_dir), configuration, fold, overrides, resume, pretrained,
+                            progress and context.is_main, precision, compile_network)
+            if time_budget is not None:
+                run.budget = _start_budget(run, started + time_budget, overrides)
+            workers = default_workers(context.world_size) if workers is None else workers
+            trained = _fit(run, workers, progress and context.is_main)
+            if trained or not (run.fold_dir / VALIDATION_DIR / "summary.json").exists():
+                _validate_fold(run, progress and context.is_main)
+            return run.fold_dir
     finally:
         cleanup_distributed(context)
 
