@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,9 +344,3 @@ def _class_flags(name: str, case: CaseMeasurements, reference: ClassReference, n
                                       "occurs in the training cases", name))
     return flags
 
-
-def plausibility_of(labels: np.ndarray, image: np.ndarray, properties: CaseProperties, label_info: LabelInfo,
-                    stats: ReferenceStats, channel_names: Sequence[str] | None = None) -> tuple[list[Flag], Mapping[str, float]]:
-    """:func:`measure_case` then :func:`plausibility_flags`; also returns the volumes (mm^3)."""
-    measured = measure_case(labels, image, properties, label_info)
-    return plausibility_flags(measured, stats, channel_names), measured.volumes

@@ -13,6 +13,7 @@ plausibility check, and the summary says so (``temperature`` null, no such flags
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Sequence
@@ -112,9 +113,7 @@ class TrustRecorder:
             mirror_agreement=None if members is None else members.mirror_agreement(),
             seconds=seconds, channel_names=self.channel_names)
         if uncertainty_file is not None:
-            summary = assessment.summary
-            assessment.summary = CaseSummary(summary.case_id, summary.label_file, summary.score, summary.classes,
-                                             summary.flags, summary.seconds, uncertainty_file)
+            assessment.summary = dataclasses.replace(assessment.summary, uncertainty_file=uncertainty_file)
         with self._lock:
             self._cases[case_id] = assessment.summary
         return assessment
