@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autoseg.atomic import remove_stale_temporaries
+from autoseg.atomic import remove_stale_temporaries, write_failure
 from autoseg.errors import AutosegError
 
 try:
@@ -92,10 +92,13 @@ def folder_lock(folder: str | os.PathLike, what: str, clean_stale: bool = False)
     """
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if left empty
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     acquire = _acquire_flock if fcntl is not None else _acquire_exclusive
-    fd, stale = acquire(path, what)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, stale = acquire(path, what)
+    except OSError as error:  # a read-only or full disk: say so, naming the folder
+        raise write_failure(path, error) from None
     if stale is not None:
         print(f"note: took over the lock of {what} from a run that is no longer running ({stale.describe()})",
               file=sys.stderr)
@@ -131,7 +134,12 @@ def _acquire_flock(path: Path, what: str) -> tuple[int, LockOwner | None]:
             os.close(fd)
             continue
         stale = LockOwner.parse(_read(fd))
-        _write(fd, LockOwner.this_process())
+        try:
+            _write(fd, LockOwner.this_process())
+        except OSError:  # a full disk: this lock is held, so its file can go
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            raise
         return fd, stale
 
 
