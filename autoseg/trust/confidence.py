@@ -39,6 +39,21 @@ def _as_tensor(probabilities: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype != torch.float64 else tensor
 
 
+_CHUNK = 1 << 24  # elements per partial sum: float32 temporaries of 64 MB, not a float64 copy of the volume
+
+
+def _squared_norms(probabilities: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Per channel, the sum of squares (float64 on the CPU), in chunks."""
+    tensor = torch.as_tensor(probabilities)
+    flat = tensor.reshape(tensor.shape[0], -1)
+    result = torch.zeros(flat.shape[0], dtype=torch.float64)
+    for channel in range(flat.shape[0]):
+        for start in range(0, flat.shape[1], _CHUNK):
+            chunk = flat[channel, start:start + _CHUNK].float()
+            result[channel] += float(torch.dot(chunk, chunk))
+    return result
+
+
 class AgreementAccumulator:
     """Pooled pairwise overlap per channel between members added one at a time.
 
@@ -57,10 +72,8 @@ class AgreementAccumulator:
         self._squares: torch.Tensor | None = None  # per channel, sum over members of ||p_i||^2
 
     def add(self, member: np.ndarray | torch.Tensor) -> None:
-        """Count one member's probabilities ``(K, *spatial)``."""
-        member = _as_tensor(member)
-        flat = member.reshape(member.shape[0], -1)
-        squares = flat.double().square().sum(1).cpu()
+        """Count one member's probabilities ``(K, *spatial)`` (on any device; only K numbers come back)."""
+        squares = _squared_norms(member)
         self._squares = squares if self._squares is None else self._squares + squares
         self.count += 1
 
@@ -71,9 +84,7 @@ class AgreementAccumulator:
         """
         if self.count < 2 or self._squares is None:
             return None
-        mean = _as_tensor(mean)
-        flat = mean.reshape(mean.shape[0], -1).double()
-        total_squares = (flat.square().sum(1) * self.count ** 2).cpu()  # ||sum_i p_i||^2
+        total_squares = _squared_norms(mean) * self.count ** 2  # ||sum_i p_i||^2
         cross = total_squares - self._squares                            # sum_{i != j} <p_i, p_j>
         denominator = (self.count - 1) * self._squares
         values = torch.where(denominator > _EPS, cross / denominator.clamp_min(_EPS), torch.ones_like(cross))

@@ -204,7 +204,7 @@ def measure_case(labels: np.ndarray, image: np.ndarray, properties: CaseProperti
         pieces, count = ndimage.label(mask)
         sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
         components[name] = sorted((float(s) * voxel_volume for s in sizes), reverse=True)
-        centroids[name] = _canonical_fraction(np.argwhere(mask).mean(0), properties)
+        centroids[name] = _canonical_fraction(np.asarray(ndimage.center_of_mass(mask)), properties)
     histograms = [intensity_histogram(channel) for channel in image]
     spacing = tuple(float(s) for s in properties.spacing_canonical)
     noise = [noise_level(channel) for channel in image]
