@@ -442,3 +442,45 @@ def test_exported_models_carry_the_trust_artifacts(reference, tmp_path: Path) ->
     archive = export_model(work, tmp_path / "model.zip", configurations=["3d_fullres"])
     names = set(zipfile.ZipFile(archive).namelist())
     assert {"models/3d_fullres/calibration.json", "models/3d_fullres/reference_stats.json"} <= names
+
+
+class CountingMembers(CaseMembers):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mirrors = self.folds = 0
+
+    def mirror(self, probabilities: torch.Tensor) -> None:
+        self.mirrors += 1
+        super().mirror(probabilities)
+
+    def fold(self, probabilities: torch.Tensor) -> None:
+        self.folds += 1
+        super().fold(probabilities)
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_members_see_every_copy_and_change_no_probability(tmp_path: Path, configuration: str) -> None:
+    """Mirroring run as one window per copy gives the probabilities of mirroring inside the window.
+
+    The test model (test_inference's pointwise threshold network, two identical folds) is
+    mirror-equivariant, so its copies and folds agree exactly: both agreements are 1.
+    """
+    from test_inference import ThresholdNet, make_model
+
+    from autoseg.inference import load_trained_model, predict_preprocessed
+    from autoseg.networks import register_network, unregister_network
+
+    register_network("test_threshold")(ThresholdNet)
+    try:
+        model = load_trained_model(make_model(tmp_path), configuration, ["0", "1"], "best", "cpu")
+        image = torch.rand(1, 6, 21, 19, generator=torch.Generator().manual_seed(0)) * 250
+        plain = predict_preprocessed(model, image, step=0.5, tta=True)
+        members = CountingMembers()
+        measured = predict_preprocessed(model, image, step=0.5, tta=True, members=members)
+    finally:
+        unregister_network("test_threshold")
+    torch.testing.assert_close(measured, plain, atol=1e-5, rtol=1e-5)
+    copies = 2 ** len(model.folds[0].mirror_axes)
+    assert members.folds == 2 and members.mirrors == 2 * copies
+    assert members.mirror_agreement() == pytest.approx([1.0] * 3)
+    assert members.fold_agreement() == pytest.approx([1.0] * 3)

@@ -49,7 +49,9 @@ def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, 
     The result lives where the sliding window accumulated it (the model's device when it fits).
     ``members`` (for the trust measures) is shown every fold's probabilities and, with ``tta``, every
     mirrored copy's: the copies then run as separate sliding windows over the flipped image, the same
-    forward passes as mirroring inside the window (only CUDA's batching of the copies is lost).
+    forward passes as mirroring inside the window (only CUDA's batching of the copies is lost). The
+    probabilities are the same where the tile grid is mirror-symmetric; elsewhere a tile boundary
+    falls elsewhere in a flipped copy, which moved a probability by up to 3e-3 in a test.
     """
     if isinstance(image, np.ndarray):
         # A read-only memory map is copied once here rather than per tile.
