@@ -120,7 +120,17 @@ class PreprocessedDataset:
     def manifest(self) -> dict:
         """``manifest.json`` (empty if the folder has none)."""
         path = self.folder / "manifest.json"
-        return dict(read_json(path)) if path.exists() else {}  # type: ignore[arg-type]
+        if not path.exists():
+            return {}
+        try:
+            data = read_json(path)
+        except ValueError as error:  # not JSON: a damaged file, not a bug
+            raise IncompletePreprocessingError(f"{error}; re-run `autoseg preprocess "
+                                               f"{self.folder.parent.parent} -c {self.folder.name}`") from None
+        if not isinstance(data, dict) or not isinstance(data.get("expected_cases", []), list):
+            raise IncompletePreprocessingError(f"{path}: not a preprocessing manifest; re-run `autoseg preprocess "
+                                               f"{self.folder.parent.parent} -c {self.folder.name}`")
+        return data
 
     def properties(self, case_id: str) -> CaseProperties:
         """The sidecar of a case."""
