@@ -484,3 +484,12 @@ def test_members_see_every_copy_and_change_no_probability(tmp_path: Path, config
     assert members.folds == 2 and members.mirrors == 2 * copies
     assert members.mirror_agreement() == pytest.approx([1.0] * 3)
     assert members.fold_agreement() == pytest.approx([1.0] * 3)
+
+
+def test_calibrate_without_cross_validation_predictions_says_what_to_do(tmp_path: Path) -> None:
+    from test_inference import make_model
+
+    from autoseg.trust.fit import calibrate
+
+    with pytest.raises(CalibrationError, match="train a fold"):
+        calibrate(make_model(tmp_path, folds=("0",)), "3d_fullres", progress=False)
