@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 WATCH_INTERVAL = 0.5
 _PR_SET_PDEATHSIG = 1
@@ -26,13 +27,27 @@ _main_pid: int | None = None
 _watching_pid: int | None = None
 
 
-def sigterm_as_interrupt() -> None:
-    """In the main thread of a command's main process: SIGTERM raises ``KeyboardInterrupt``."""
+def sigterm_as_interrupt() -> Callable[[], None]:
+    """In the main thread of a command's main process: SIGTERM raises ``KeyboardInterrupt``.
+
+    Returns:
+        A function that puts the previous handler back (for a command run inside a longer-lived
+        Python process, such as a test or a script calling the command line's ``main``).
+
+    Example:
+        >>> restore = sigterm_as_interrupt()
+        >>> restore()
+    """
     global _main_pid
     if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread
+        return lambda: None  # signal handlers can only be set from the main thread
     _main_pid = os.getpid()
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _interrupt(signum: int, frame: object) -> None:
