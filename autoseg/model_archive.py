@@ -209,6 +209,7 @@ def _unpack(archive: zipfile.ZipFile, zip_path: Path, dest: Path, max_bytes: int
                 raise write_failure(dest / member.filename, error) from None
         if dest.exists():
             dest.rmdir()  # empty (checked above); os.replace cannot rename onto a directory
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it 0700
         os.replace(staging, dest)
     finally:
         if staging.exists():
