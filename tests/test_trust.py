@@ -374,7 +374,7 @@ def trained_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_plan(dataclasses.replace(plan, configurations={**plan.configurations, "2d": small}), work / "plan.json")
     preprocess_dataset(work, configurations=["2d"], n_jobs=1, progress=False)
     train(work, "2d", 0, overrides=TrainOverrides(epochs=2, iterations_per_epoch=30, validation_iterations=1),
-          workers=0, progress=False, num_threads=1)
+          workers=0, progress=False, num_threads=1, device="cpu")  # the same numbers on a GPU machine
     return root
 
 
