@@ -79,7 +79,7 @@ HU_AIR_THRESHOLD = -500.0
 HU_LIKE_FRACTION = 0.05
 SEED = 1234
 
-Modality = Literal["ct", "mri", "pet", "ultrasound", "natural", "other"]
+Modality = Literal["ct", "mri", "pet", "ultrasound", "xray", "natural", "other"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -238,6 +238,8 @@ def load_fingerprint(path: str | os.PathLike) -> Fingerprint:
 _MRI_WORDS = {"mr", "mri", "t1", "t2", "t1w", "t2w", "t1c", "t1ce", "t1gd", "t1km", "t1n", "t2f",
               "flair", "adc", "dwi", "pd", "pdw", "swi", "hbv", "b0", "dce", "cine", "lge", "bold", "dixon"}
 _NATURAL_WORDS = {"r", "g", "b", "red", "green", "blue", "rgb", "gray", "grey", "brightfield", "he"}
+# DICOM's CR (computed) and DX (digital) radiography, and the plain names ("X-ray" splits into x, ray)
+_XRAY_WORDS = {"cr", "dx", "xray", "xr", "cxr", "radiograph", "radiography", "roentgen"}
 
 
 def name_words(name: str) -> list[str]:
@@ -256,6 +258,8 @@ def modality_from_name(name: str) -> Modality:
         return "pet"
     if "us" in words or "ultrasound" in words:
         return "ultrasound"
+    if any(w in _XRAY_WORDS for w in words) or any(pair == ("x", "ray") for pair in zip(words, words[1:])):
+        return "xray"
     if any(w in _NATURAL_WORDS for w in words):
         return "natural"
     return "other"

@@ -25,8 +25,13 @@ from typing import Any
 import numpy as np
 
 from autoseg.dataset import DatasetJson, load_dataset_json, parse_dataset_json
-from autoseg.fingerprint import Fingerprint, fingerprint_to_dict, load_or_compute_fingerprint
-from autoseg.networks import available_networks
+from autoseg.fingerprint import (
+    Fingerprint,
+    fingerprint_to_dict,
+    load_or_compute_fingerprint,
+    modality_from_name,
+)
+from autoseg.networks import PRIOR_OPTION, available_networks
 from autoseg.plan import (
     CONFIGURATION_NAMES,
     ChannelNormalization,
@@ -67,6 +72,7 @@ from autoseg.planning.heuristics import (
     CostFunction,
     PatchFit,
     PoolConvProps,
+    anatomical_prior_for,
     augmentation_options,
     build_topology,
     cross_entropy_class_weights,
@@ -476,6 +482,17 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
     if not planned:
         raise PlanError(f"none of the requested configurations {list(configurations or [])} applies to this "
                         f"{'2D' if fingerprint.is_2d else '3D'} dataset")
+    prior, prior_reason = anatomical_prior_for([modality_from_name(n) for n in names])
+    if "xray" in (modality_from_name(n) for n in names):  # other datasets' plans stay as they were
+        ctx.note("dataset", "anatomical_prior", "on" if prior else "off", prior_reason)
+        ctx.note("dataset", "mirror_axes", "none", "radiograph: a mirrored chest puts the heart on the wrong "
+                 "side and swaps left and right structures, so neither augmentation nor test-time "
+                 "augmentation mirrors")
+        planned = {name: _replace(c, schedule=_replace(c.schedule, mirror_axes=())) for name, c in planned.items()}
+    if prior:
+        planned = {name: _replace(c, topology=_replace(c.topology, options={**c.topology.options,
+                                                                            PRIOR_OPTION: True}))
+                   for name, c in planned.items()}
     if time_budget_hours is not None:
         planned = {name: _apply_time_budget(ctx, c, time_budget_hours, device, probe_max_seconds)
                    for name, c in planned.items()}
