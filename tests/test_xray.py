@@ -19,11 +19,11 @@ from scipy import ndimage
 from autoseg.dataset import load_dataset_json
 from autoseg.examples import EXAMPLE_KINDS, example_case, make_example
 from autoseg.fingerprint import compute_fingerprint, modality_from_name
-from autoseg.networks import PRIOR_OPTION, build_network
-from autoseg.plan import Schedule, Topology
+from autoseg.networks import PRIOR_OPTION, AnatomicalPriorNetwork, build_network
+from autoseg.plan import Schedule, Topology, load_plan, save_plan
 from autoseg.planning import anatomical_prior_for, explain_plan, make_plan
 from autoseg.planning.heuristics import XRAY_ANATOMICAL_PRIOR
-from autoseg.training.labels import LabelInfo
+from autoseg.training.labels import IGNORE_INDEX, LabelInfo
 from autoseg.training.losses import anatomical_prior_loss, build_loss, prior_loss_term
 from autoseg.validate import validate_dataset
 
@@ -62,7 +62,7 @@ def test_modality_from_name_recognises_radiographs(name: str, modality: str) -> 
     assert modality_from_name(name) == modality
 
 
-def test_planner_plans_radiographs_2d_with_per_image_zscore_and_the_prior(xray_dataset) -> None:
+def test_planner_plans_radiographs_2d_with_per_image_zscore_and_the_prior(xray_dataset, tmp_path: Path) -> None:
     folder, _ = xray_dataset
     fingerprint = compute_fingerprint(folder, n_jobs=1, progress=False)
     plan = make_plan(fingerprint, folder / "dataset.json")
@@ -77,6 +77,13 @@ def test_planner_plans_radiographs_2d_with_per_image_zscore_and_the_prior(xray_d
     assert "radiograph" in decisions["anatomical_prior"].reason
     assert "anatomical_prior" in explain_plan(plan)
     assert anatomical_prior_for(["ct"])[0] is False and anatomical_prior_for(["mri", "ct"])[0] is False
+    # the option lives in the topology's options: it round-trips through plan.json, and a plan
+    # written before it existed (no such key) still loads and builds the plain network
+    assert load_plan(save_plan(plan, tmp_path / "plan.json")) == plan
+    network = build_network(configuration)
+    assert isinstance(network, AnatomicalPriorNetwork) == XRAY_ANATOMICAL_PRIOR
+    options = {k: v for k, v in configuration.topology.options.items() if k != PRIOR_OPTION}
+    assert not isinstance(build_network(configuration.topology, options=options), AnatomicalPriorNetwork)
 
 
 def test_implausible_islands_counts_components_away_from_the_reference() -> None:
@@ -97,6 +104,13 @@ def test_prior_loss_scores_the_fraction_each_cell_covers() -> None:
     perfect[:, 1, 0], perfect[:, 0, 1] = 20.0, 20.0  # cell rows: class 1 on top, background below
     assert float(anatomical_prior_loss(perfect, target, regions=False)) < 1e-6
     assert float(anatomical_prior_loss(-perfect, target, regions=False)) > 10
+    # regions (sigmoid outputs): the target's channels are the structures, and ignored pixels
+    # (IGNORE_INDEX) leave the cells they fall in
+    regions = torch.cat([target, 1 - target], dim=1)
+    regions[..., 4:, :4] = IGNORE_INDEX
+    region_logits = torch.full((1, 2, 2, 2), -20.0)
+    region_logits[:, 0, 0], region_logits[:, 1, 1] = 20.0, 20.0
+    assert float(anatomical_prior_loss(region_logits, regions, regions=True)) < 1e-6
     # a network without a prior adds nothing
     plain = build_network(_topology(prior=False))
     assert prior_loss_term(plain, target, LabelInfo.from_labels({"background": 0, "a": 1})) == 0.0

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-cases", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=600, help="training iterations per run")
     parser.add_argument("--epochs", type=int, default=10, help="epochs the iterations are split into")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example data")
+    parser.add_argument("--train-seed", type=int, default=None, help="seed of the training (default: --seed)")
     parser.add_argument("--root", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         prepare(datasets[n], work)
         for arm, prior in (("plain", False), ("prior", True)):
             scratch = arm_work(work, root / f"run_{n}_{arm}", prior)
-            results[f"{n}_{arm}"] = run_arm(scratch, datasets[n], args.iterations, args.epochs, args.seed)
+            train_seed = args.seed if args.train_seed is None else args.train_seed
+            results[f"{n}_{arm}"] = run_arm(scratch, datasets[n], args.iterations, args.epochs, train_seed)
             print(f"{n} cases, {arm}: {json.dumps(results[f'{n}_{arm}'])}", flush=True)
     print(table(results))
     if args.output:
