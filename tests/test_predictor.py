@@ -228,12 +228,14 @@ def example_model(root: Path, kind: str) -> tuple[Path, Path]:
     return work, dataset / "imagesTs"
 
 
-@pytest.mark.parametrize("kind", list(EXAMPLES))
-def test_in_memory_equals_autoseg_predict_on_the_examples(kind: str, tmp_path: Path) -> None:
+# mirroring once, on the MRI example: the folder's summary measures the mirrored copies, which must
+# change nothing (it once ran them as separate windows: 4% of the voxels differed)
+@pytest.mark.parametrize("kind, tta", [*((kind, False) for kind in EXAMPLES), ("mri", True)])
+def test_in_memory_equals_autoseg_predict_on_the_examples(kind: str, tta: bool, tmp_path: Path) -> None:
     work, images = example_model(tmp_path, kind)
     case_id = sorted(images.iterdir())[0].name.rsplit("_", 1)[0]
-    written = predict_folder(work, images, tmp_path / "out", tta=False, device="cpu", progress=False)
-    predictor = Predictor.from_model(work, tta=False, device="cpu")
+    written = predict_folder(work, images, tmp_path / "out", tta=tta, device="cpu", progress=False)
+    predictor = Predictor.from_model(work, tta=tta, device="cpu")
     channels = sorted(images.glob(f"{case_id}_*"))
     images_in_memory = [read_image(path) for path in channels]
     arrays = np.stack([image.array for image in images_in_memory])

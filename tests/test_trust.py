@@ -112,9 +112,11 @@ def test_one_member_has_no_agreement() -> None:
 
 def test_case_members_average_the_mirror_agreement_over_folds() -> None:
     a, b = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    weights = torch.ones(3)
+    tiles = lambda *copies: [c[None] for c in copies]  # noqa: E731  (one tile of K=1 channel, 3 voxels)
     members = CaseMembers()
-    members.mirror(a), members.mirror(a), members.fold(a)              # fold 0: copies agree fully
-    members.mirror(a), members.mirror(b), members.fold((a + b) / 2)    # fold 1: 2/3
+    members.mirror_tiles(tiles(a, a), weights), members.fold(a)              # fold 0: copies agree fully
+    members.mirror_tiles(tiles(a, b), weights), members.fold((a + b) / 2)    # fold 1: 2/3
     members.ensemble((a + (a + b) / 2) / 2)
     assert members.mirror_agreement() == [pytest.approx((1 + 2 / 3) / 2)]
     assert members.fold_agreement() == pytest.approx(explicit_agreement([a, (a + b) / 2]))
@@ -449,9 +451,9 @@ class CountingMembers(CaseMembers):
         super().__init__()
         self.mirrors = self.folds = 0
 
-    def mirror(self, probabilities: torch.Tensor) -> None:
-        self.mirrors += 1
-        super().mirror(probabilities)
+    def mirror_tiles(self, copies, weights: torch.Tensor) -> None:
+        self.mirrors = max(self.mirrors, len(copies))
+        super().mirror_tiles(copies, weights)
 
     def fold(self, probabilities: torch.Tensor) -> None:
         self.folds += 1
@@ -460,7 +462,7 @@ class CountingMembers(CaseMembers):
 
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
 def test_members_see_every_copy_and_change_no_probability(tmp_path: Path, configuration: str) -> None:
-    """Mirroring run as one window per copy gives the probabilities of mirroring inside the window.
+    """Measuring the members changes no probability (the copies are seen inside the window).
 
     The test model (test_inference's pointwise threshold network, two identical folds) is
     mirror-equivariant, so its copies and folds agree exactly: both agreements are 1.
@@ -479,9 +481,8 @@ def test_members_see_every_copy_and_change_no_probability(tmp_path: Path, config
         measured = predict_preprocessed(model, image, step=0.5, tta=True, members=members)
     finally:
         unregister_network("test_threshold")
-    torch.testing.assert_close(measured, plain, atol=1e-5, rtol=1e-5)
-    copies = 2 ** len(model.folds[0].mirror_axes)
-    assert members.folds == 2 and members.mirrors == 2 * copies
+    assert torch.equal(measured, plain)
+    assert members.folds == 2 and members.mirrors == 2 ** len(model.folds[0].mirror_axes)
     assert members.mirror_agreement() == pytest.approx([1.0] * 3)
     assert members.fold_agreement() == pytest.approx([1.0] * 3)
 

@@ -9,7 +9,6 @@ most one case waiting on each side). What happens to one case is :class:`autoseg
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -31,10 +30,11 @@ from autoseg.sliding_window import sliding_window_predict
 
 
 class Members(Protocol):
-    """Receives a prediction's members (:class:`autoseg.trust.CaseMembers`): each mirrored copy's
-    probabilities (flipped back), then each fold's, then the ensemble's mean."""
+    """Receives a prediction's members (:class:`autoseg.trust.CaseMembers`): every tile batch's
+    mirrored copies (flipped back) with the tiles' weights, then each fold's probabilities, then the
+    ensemble's mean."""
 
-    def mirror(self, probabilities: torch.Tensor) -> None: ...
+    def mirror_tiles(self, copies: Sequence[torch.Tensor], weights: torch.Tensor) -> None: ...
 
     def fold(self, probabilities: torch.Tensor) -> None: ...
 
@@ -48,10 +48,7 @@ def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, 
 
     The result lives where the sliding window accumulated it (the model's device when it fits).
     ``members`` (for the trust measures) is shown every fold's probabilities and, with ``tta``, every
-    mirrored copy's: the copies then run as separate sliding windows over the flipped image, the same
-    forward passes as mirroring inside the window (only CUDA's batching of the copies is lost). The
-    probabilities are the same where the tile grid is mirror-symmetric; elsewhere a tile boundary
-    falls elsewhere in a flipped copy, which moved a probability by up to 3e-3 in a test.
+    tile batch's mirrored copies inside the sliding window: the same forward passes, the same result.
     """
     if isinstance(image, np.ndarray):
         # A read-only memory map is copied once here rather than per tile.
@@ -64,11 +61,10 @@ def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, 
         window = dict(step=step, batch_size=batch_size, device=model.device, output_channels=model.num_outputs,
                       activation=model.activation, accumulate_dtype=accumulate_dtype, progress=progress,
                       precision=model.precision)
-        if members is not None and tta and fold.mirror_axes:
-            probabilities = _mirrored_members(model, fold.network, fold.mirror_axes, image, members, window)
-        else:
-            probabilities = sliding_window_predict(fold.network, image, model.configuration.patch_size,
-                                                   tta_axes=fold.mirror_axes if tta else (), **window)
+        probabilities = sliding_window_predict(fold.network, image, model.configuration.patch_size,
+                                               tta_axes=fold.mirror_axes if tta else (),
+                                               on_mirrors=None if members is None else members.mirror_tiles,
+                                               **window)
         if members is not None:
             members.fold(probabilities)
         if total is None:
@@ -82,24 +78,6 @@ def predict_preprocessed(model: TrainedModel, image: np.ndarray | torch.Tensor, 
     if members is not None:
         members.ensemble(total)
     return total
-
-
-def _mirrored_members(model: TrainedModel, network: Any, mirror_axes: Sequence[int], image: torch.Tensor,
-                      members: Members, window: dict[str, Any]) -> torch.Tensor:
-    """One fold's mirroring as one sliding window per mirrored copy, each shown to ``members``."""
-    offset = image.ndim - model.configuration.dim  # network axis a is image axis a + offset
-    combos = [combo for r in range(len(mirror_axes) + 1) for combo in itertools.combinations(sorted(mirror_axes), r)]
-    total: torch.Tensor | None = None
-    for combo in combos:
-        dims = [axis + offset for axis in combo]
-        flipped = torch.flip(image, dims) if dims else image
-        copy = sliding_window_predict(network, flipped, model.configuration.patch_size, tta_axes=(), **window)
-        if dims:
-            copy = torch.flip(copy, dims)
-        members.mirror(copy)
-        total = copy if total is None else total.add_(copy.to(total.device, total.dtype))
-    assert total is not None
-    return total.div_(len(combos))
 
 
 def cascade_channels(model: TrainedModel, previous_labels: np.ndarray, previous_properties: CaseProperties,

@@ -47,26 +47,42 @@ UNCERTAINTY_SUFFIX = "_uncertainty"
 class CaseMembers:
     """Agreement between the members of one case's prediction, streamed (see :mod:`.confidence`).
 
-    Prediction calls :meth:`mirror` with each mirrored copy's probabilities (flipped back), then
-    :meth:`fold` with that fold's probabilities (the mean of its copies), and at the end
-    :meth:`ensemble` with the folds' mean. The mirror agreement is the mean over folds of the
-    agreement between each fold's copies.
+    Prediction calls :meth:`mirror_tiles` with every tile batch's mirrored copies (flipped back)
+    inside the sliding window, then :meth:`fold` with that fold's probabilities, and at the end
+    :meth:`ensemble` with the folds' mean. The mirror agreement of a fold is the pooled pairwise
+    overlap of :mod:`.confidence` computed over its tiles (Gaussian-weighted, as the tiles are
+    blended), so measuring it changes neither the forward passes nor the result; the case's mirror
+    agreement is the mean over folds.
     """
 
     def __init__(self) -> None:
         self._folds = AgreementAccumulator()
-        self._mirrors = AgreementAccumulator()
+        self._copies = 0
+        self._squares: torch.Tensor | None = None  # per channel: sum over copies of weighted ||p_i||^2
+        self._totals: torch.Tensor | None = None   # per channel: weighted ||sum_i p_i||^2
         self._mirror_agreements: list[list[float]] = []
         self._fold_agreement: list[float] | None = None
 
-    def mirror(self, probabilities: torch.Tensor) -> None:
-        self._mirrors.add(probabilities)
+    def mirror_tiles(self, copies: Sequence[torch.Tensor], weights: torch.Tensor) -> None:
+        """Count one tile batch: ``copies`` each ``(B, K, *patch)``, ``weights`` ``patch``."""
+        w = weights.float()
+        channel_axes = [0, *range(2, copies[0].ndim)]  # all but K
+        squares = sum(torch.sum(c.float() ** 2 * w, dim=channel_axes) for c in copies)
+        summed = torch.stack([c.float() for c in copies]).sum(0)
+        totals = torch.sum(summed ** 2 * w, dim=channel_axes)
+        squares, totals = squares.double().cpu(), totals.double().cpu()
+        self._squares = squares if self._squares is None else self._squares + squares
+        self._totals = totals if self._totals is None else self._totals + totals
+        self._copies = len(copies)
 
     def fold(self, probabilities: torch.Tensor) -> None:
-        agreement = self._mirrors.agreement(probabilities)
-        if agreement is not None:
-            self._mirror_agreements.append(agreement)
-        self._mirrors = AgreementAccumulator()
+        if self._copies > 1 and self._squares is not None and self._totals is not None:
+            cross = self._totals - self._squares  # sum over pairs i != j of <p_i, p_j>
+            denominator = (self._copies - 1) * self._squares
+            values = torch.where(denominator > 1e-12, cross / denominator.clamp_min(1e-12),
+                                 torch.ones_like(cross))
+            self._mirror_agreements.append([float(min(1.0, max(0.0, v))) for v in values])
+        self._copies, self._squares, self._totals = 0, None, None
         self._folds.add(probabilities)
 
     def ensemble(self, probabilities: torch.Tensor) -> None:
