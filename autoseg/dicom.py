@@ -30,7 +30,7 @@ import numpy as np
 from autoseg import __version__
 from autoseg.dataset import CaseFiles
 from autoseg.errors import AutosegError
-from autoseg.io import Image, ImageReadError, read_image
+from autoseg.io import Image, ImageReadError, from_sitk, read_image, to_sitk
 from autoseg.labels import LabelInfo, LabelValue, label_mask
 from autoseg.utils import atomic_write
 
@@ -100,7 +100,7 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[sitk.Image, list[pydic
         datasets = [pydicom.dcmread(name, stop_before_pixels=True) for name in files]
     except Exception as error:
         raise ImageReadError(folder, f"DICOM files cannot be read ({error})") from error
-    return _to_sitk(image), datasets
+    return to_sitk(image), datasets
 
 
 def write_dicom_seg(label_map: sitk.Image | Image, source: str | os.PathLike | Sequence[pydicom.Dataset],
@@ -201,7 +201,7 @@ def read_dicom_seg(path: str | os.PathLike, reference_geometry: sitk.Image | Ima
 
 def read_dicom_seg_image(path: str | os.PathLike, reference: Image | None = None) -> Image:
     """:func:`read_dicom_seg` as an :class:`autoseg.io.Image` (what evaluation compares)."""
-    return _as_image(read_dicom_seg(path, reference))
+    return from_sitk(read_dicom_seg(path, reference))
 
 
 def read_dicom_seg_pair(first: str | os.PathLike, second: str | os.PathLike) -> tuple[Image, Image]:
@@ -219,7 +219,7 @@ def read_dicom_seg_pair(first: str | os.PathLike, second: str | os.PathLike) -> 
     grid.SetSpacing(a.GetSpacing())
     grid.SetDirection(a.GetDirection())
     grid.SetOrigin(a.TransformIndexToPhysicalPoint([int(i) for i in low]))
-    return _as_image(_onto_grid(a, grid, Path(first))), _as_image(_onto_grid(b, grid, Path(second)))
+    return from_sitk(_onto_grid(a, grid, Path(first))), from_sitk(_onto_grid(b, grid, Path(second)))
 
 
 def read_label_pair(first: str | os.PathLike, second: str | os.PathLike) -> tuple[Image, Image]:
@@ -317,28 +317,12 @@ def _check_fits(array: np.ndarray, label_map: sitk.Image | Image, datasets: Sequ
                          f"{tuple(float(p) for p in first)}")
 
 
-def _to_sitk(image: Image) -> sitk.Image:
-    import SimpleITK as sitk
-
-    itk = sitk.GetImageFromArray(image.array)
-    itk.SetSpacing(tuple(reversed(image.spacing)))
-    itk.SetOrigin(image.origin)
-    itk.SetDirection(image.direction)
-    return itk
-
-
-def _as_image(itk: sitk.Image) -> Image:
-    import SimpleITK as sitk
-
-    return Image(sitk.GetArrayFromImage(itk), tuple(reversed(itk.GetSpacing())), itk.GetOrigin(), itk.GetDirection())
-
-
 def _onto_grid(image: sitk.Image, reference: sitk.Image | Image, path: Path) -> sitk.Image:
     """``image`` copied voxel for voxel onto ``reference``'s grid, which must contain it exactly."""
     import SimpleITK as sitk
 
     if isinstance(reference, Image):
-        reference = _to_sitk(reference)
+        reference = to_sitk(reference)
     _index_corners(image, reference, path)
     placed = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
     kept = int(np.count_nonzero(sitk.GetArrayViewFromImage(placed)))

@@ -201,12 +201,17 @@ def _read_sitk(path: Path) -> Image:
         if problem:
             raise ImageReadError(path, f"{problem}; the file is incomplete, copy or export it again")
     itk = sitk.ReadImage(str(path))
-    return _from_sitk(itk, path)
+    return from_sitk(itk, path)
 
 
-def _from_sitk(itk, path: Path) -> Image:
+def from_sitk(itk, path: str | os.PathLike = "SimpleITK image") -> Image:
+    """A ``SimpleITK.Image`` as an :class:`Image` (array axes ``(z, y, x)``, spacing in that order).
+
+    ``path`` names the source in the error for a vector or 4D image (:class:`ImageReadError`).
+    """
     import SimpleITK as sitk
 
+    path = Path(path)
     if itk.GetNumberOfComponentsPerPixel() != 1:
         raise ImageReadError(path, f"has {itk.GetNumberOfComponentsPerPixel()} components per voxel; "
                                    "autoseg expects one file per channel")
@@ -217,7 +222,8 @@ def _from_sitk(itk, path: Path) -> Image:
     return Image(array, tuple(reversed(itk.GetSpacing())), itk.GetOrigin(), itk.GetDirection())
 
 
-def _to_sitk(image: Image):
+def to_sitk(image: Image):
+    """An :class:`Image` as a ``SimpleITK.Image`` with the same geometry (booleans as uint8)."""
     import SimpleITK as sitk
 
     array = image.array
@@ -234,7 +240,7 @@ def _write_sitk(image: Image, path: Path) -> None:
     import SimpleITK as sitk
 
     compress = path.name.endswith(".gz") or path.suffix in (".mha", ".nrrd")
-    sitk.WriteImage(_to_sitk(image), str(path), useCompression=compress)
+    sitk.WriteImage(to_sitk(image), str(path), useCompression=compress)
 
 
 def _rename_detached(tmp: Path, path: Path, ending: str) -> None:
@@ -264,7 +270,7 @@ def _read_dicom_series(folder: Path) -> Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
     try:
-        return _from_sitk(reader.Execute(), folder)
+        return from_sitk(reader.Execute(), folder)
     except ImageReadError:
         raise
     except Exception as error:

@@ -33,7 +33,7 @@ from autoseg.dataset import CaseData, to_3d
 from autoseg.inference.model import PredictionError, TrainedModel, load_trained_model
 from autoseg.inference.pipeline import Members, PreparedCase, cascade_channels, predict_preprocessed
 from autoseg.inference.runtimes import Runtime
-from autoseg.io import Image, read_image
+from autoseg.io import Image, ImageReadError, from_sitk, read_image, to_sitk
 from autoseg.model_archive import import_model
 from autoseg.postprocessing_steps import apply_postprocessing, crf_refine
 from autoseg.preprocessing import preprocess_case
@@ -271,7 +271,10 @@ def _as_image(item: Any) -> Image:
     if isinstance(item, Image):
         return item
     if hasattr(item, "GetSpacing") and hasattr(item, "GetDirection"):
-        return from_sitk(item)
+        try:
+            return from_sitk(item)
+        except ImageReadError as error:
+            raise PredictionError(f"{error}; give one 2D or 3D scalar image per channel") from None
     raise PredictionError(f"cannot predict a {type(item).__name__}: give a file path, a SimpleITK.Image, a list of "
                           "them (one per channel), or a numpy array with spacing")
 
@@ -298,25 +301,3 @@ def _numpy_channels(array: np.ndarray, spacing: Sequence[float] | None, origin: 
         return [Image(a, tuple(spacing), tuple(origin or ()), tuple(direction or ())) for a in arrays]
     except ValueError as error:
         raise PredictionError(str(error)) from None
-
-
-def from_sitk(image: sitk.Image) -> Image:
-    """A ``SimpleITK.Image`` as an :class:`autoseg.io.Image` (array axes ``(z, y, x)``, spacing in that order)."""
-    import SimpleITK as sitk
-
-    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
-        raise PredictionError(f"a {image.GetDimension()}D SimpleITK image with {image.GetNumberOfComponentsPerPixel()} "
-                              "components per voxel; give one 2D or 3D scalar image per channel")
-    array = sitk.GetArrayFromImage(image)
-    return Image(array, tuple(reversed(image.GetSpacing())), image.GetOrigin(), image.GetDirection())
-
-
-def to_sitk(image: Image) -> sitk.Image:
-    """An :class:`autoseg.io.Image` as a ``SimpleITK.Image`` with the same geometry."""
-    import SimpleITK as sitk
-
-    result = sitk.GetImageFromArray(image.array)
-    result.SetSpacing(tuple(reversed(image.spacing)))
-    result.SetOrigin(image.origin)
-    result.SetDirection(image.direction)
-    return result
