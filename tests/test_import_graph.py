@@ -76,7 +76,7 @@ def import_graph() -> dict[str, set[str]]:
         is_package = path.name == "__init__.py"
         own_packages = set(_ancestors(module)) | ({module} if is_package else set())
         edges: set[str] = set()
-        for name in top_level_imports(ast.parse(path.read_text(), str(path)), module, is_package):
+        for name in top_level_imports(ast.parse(path.read_text(encoding="utf-8"), str(path)), module, is_package):
             if name not in files:
                 continue
             for target in [*_ancestors(name), name]:
@@ -133,6 +133,6 @@ def test_the_package_has_no_import_cycle() -> None:
 
 
 def test_no_module_is_over_the_size_limit() -> None:
-    sizes = {module: len(path.read_text().splitlines()) for module, path in module_files().items()}
+    sizes = {module: len(path.read_text(encoding="utf-8").splitlines()) for module, path in module_files().items()}
     too_long = {module: lines for module, lines in sizes.items() if lines > MAX_LINES}
     assert not too_long, f"modules over {MAX_LINES} lines (split them by job): {too_long}"
