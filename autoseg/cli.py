@@ -24,12 +24,16 @@ from autoseg.constants import (
     DEFAULT_FILE_ENDING,
     DEFAULT_TOLERANCE_MM,
     EXAMPLE_KIND_NAMES,
+    EXPORT_FORMAT_NAMES,
     LOSS_NAMES,
     NETWORK_NAMES,
+    OUTPUT_FORMAT_NAMES,
     PLAN_PRESET_NAMES,
     PRECISION_CHOICES,
+    RUNTIME_NAMES,
 )
 from autoseg.errors import AutosegError
+from autoseg.processes import sigterm_as_interrupt
 
 EPILOG = """\
 typical run:
@@ -53,6 +57,20 @@ def _precision_argument(parser: argparse.ArgumentParser) -> None:
                              "older CUDA GPUs, else fp32)")
 
 
+def _device_argument(parser: argparse.ArgumentParser, help: str = "") -> None:
+    parser.add_argument("--device", default="auto",
+                        help=help or "auto (default: CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
+
+
+def _chosen_device(name: str) -> str:
+    """Resolve ``--device`` (``auto`` included) and say at the start of the command what was chosen."""
+    from autoseg.devices import describe_device, resolve_device
+
+    device = resolve_device(name)
+    print(f"device: {describe_device(device)}" + (" (auto)" if name == "auto" else ""), flush=True)
+    return str(device)
+
+
 def _subcommand(subparsers, name: str, summary: str, example: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(
         name,
@@ -61,6 +79,27 @@ def _subcommand(subparsers, name: str, summary: str, example: str) -> argparse.A
         epilog="example:\n" + textwrap.indent(example.strip(), "  "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def _scheduler_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run the per-case work on a Dask cluster: local:N (N worker processes here) or a "
+                             "scheduler address such as tcp://host:8786 (needs autoseg[distributed])")
+
+
+def _scheduler(args: argparse.Namespace) -> str | None:
+    """The ``--scheduler`` value, checked before any work starts."""
+    if args.scheduler is None:
+        if getattr(args, "devices", None):
+            from autoseg.cluster import require_distributed
+
+            require_distributed()
+        return None
+    from autoseg.cluster import parse_scheduler, require_distributed
+
+    parse_scheduler(args.scheduler)
+    require_distributed()
+    return args.scheduler
 
 
 # --- handlers -------------------------------------------------------------------------------------
@@ -113,9 +152,12 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.planning import explain_plan, plan_dataset, verify_memory
+    from autoseg.validate import require_valid_dataset
     from autoseg.workdir import WorkDir
 
     work = WorkDir.for_dataset(args.dataset, args.work)
+    device = _chosen_device(args.device)
+    require_valid_dataset(args.dataset, work.root, n_jobs=args.jobs or os.cpu_count() or 1)
     plan = plan_dataset(
         args.dataset, work.root,
         gpu_memory_gb=args.gpu_memory_gb,
@@ -124,15 +166,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         preset=args.preset,
         ct_priors=args.ct_priors,
         time_budget_hours=args.time_budget,
-        device=args.device,
+        device=device,
         n_jobs=args.jobs,
+        scheduler=_scheduler(args),
     )
     print(f"wrote {work.plan}: configurations {', '.join(plan.configurations)}")
     if args.explain:
         print(explain_plan(plan))
     if args.verify:
         for name in plan.configurations:
-            print(verify_memory(plan, name, device=args.device))
+            print(verify_memory(plan, name, device=device))
     return 0
 
 
@@ -140,7 +183,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from autoseg.preprocessing import preprocess_dataset
 
     summaries = preprocess_dataset(args.work, configurations=args.configurations, n_jobs=args.jobs,
-                                   force=args.force, dataset_dir=args.dataset)
+                                   force=args.force, dataset_dir=args.dataset, scheduler=_scheduler(args))
     for name, summary in summaries.items():
         print(f"{name}: {summary}")
     return 0
@@ -161,7 +204,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     fold: int | str = args.fold if args.fold == "all" else int(args.fold)
-    folder = train(args.work, args.configuration, fold, overrides=overrides, device=args.device,
+    folder = train(args.work, args.configuration, fold, overrides=overrides, device=_chosen_device(args.device),
                    workers=args.workers, resume=args.resume, pretrained=args.pretrained,
                    precision=args.precision, compile_network=args.compile,
                    time_budget=parse_duration(args.time_budget) if args.time_budget else None)
@@ -176,15 +219,58 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.model, args.input, args.output,
         configuration=args.configuration,
         folds=args.folds,
-        device=args.device,
+        device=_chosen_device(args.device),
         precision=args.precision,
+        runtime=args.runtime,
         tta=not args.no_tta,
         step=args.step,
         save_probabilities=args.save_probabilities,
         overwrite=args.overwrite,
         fast=args.fast,
         checkpoint=args.checkpoint,
+        output_format=args.output_format,
+        scheduler=_scheduler(args),
+        devices=args.devices,
+        summary=not args.no_summary,
+        save_uncertainty=args.save_uncertainty,
     )
+    _print_flagged(args.output)
+    return 0
+
+
+def _print_flagged(output: Path) -> None:
+    """The cases ``summary.json`` flags for review, least trusted first (nothing without a summary)."""
+    from autoseg.trust.summary import SUMMARY_FILE, flagged_lines, load_summary
+
+    if not (output / SUMMARY_FILE).is_file():
+        return
+    summary = load_summary(output / SUMMARY_FILE)
+    flagged = [case for case in summary.cases if case.flags]
+    print(f"{len(flagged)} of {len(summary.cases)} case(s) flagged for review (details: {output / SUMMARY_FILE}; "
+          f"review sheet: autoseg report {output} -o report/)")
+    for line in flagged_lines(summary):
+        print(f"  {line}")
+    if summary.temperature is None:
+        print(f"note: no calibration.json for {summary.configuration}: run `autoseg calibrate WORK -c "
+              f"{summary.configuration}` for calibrated confidence and the checks against the training cases")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from autoseg.trust.fit import calibrate
+
+    calibration = calibrate(args.work, args.configuration, folds=args.folds, device=_chosen_device(args.device))
+    print(f"temperature {calibration.temperature:.3f} from {calibration.num_cases} held-out case(s); expected "
+          f"calibration error {calibration.ece_before:.4f} -> {calibration.ece_after:.4f} "
+          f"({calibration.ece_evaluation})")
+    print(f"wrote calibration.json and reference_stats.json to {Path(args.work) / 'models' / args.configuration}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from autoseg.trust.report import write_report
+
+    page = write_report(args.predictions, args.output, reference_dir=args.reference, images_dir=args.images)
+    print(f"wrote {page} (open it in a browser; no server needed)")
     return 0
 
 
@@ -238,9 +324,13 @@ def _cmd_augment_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_model(args: argparse.Namespace) -> int:
-    from autoseg.inference import export_model
+    from autoseg.inference import export_model, export_networks
 
-    print(f"wrote {export_model(args.work, args.output, configurations=args.configurations)}")
+    if args.format == "zip":
+        print(f"wrote {export_model(args.work, args.output, configurations=args.configurations)}")
+    else:
+        print(f"wrote {export_networks(args.work, args.output, args.format, configurations=args.configurations)} "
+              f"(predict with --runtime {args.format})")
     return 0
 
 
@@ -254,7 +344,7 @@ def _cmd_import_model(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from autoseg.bench.run import run_benchmark
 
-    run_benchmark(dataset=args.dataset, example=args.example, device=args.device, output=args.output,
+    run_benchmark(dataset=args.dataset, example=args.example, device=_chosen_device(args.device), output=args.output,
                   repeats=args.repeats)
     return 0
 
@@ -320,11 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct-priors", action="store_true", help="add Hounsfield-window prior channels for CT")
     p.add_argument("--time-budget", type=float, default=None, metavar="HOURS",
                    help="set epochs from a short throughput probe so training fits this many hours")
-    p.add_argument("--device", default="cpu", help="device for --time-budget and --verify (cpu, cuda)")
+    _device_argument(p, "device for --time-budget and --verify (default auto: CUDA, then MPS, then CPU)")
     p.add_argument("--explain", action="store_true", help="print every decision with its reason")
     p.add_argument("--verify", action="store_true", help="run one real training step per configuration (CUDA) "
                                                          "and compare measured with estimated memory")
     p.add_argument("-j", "--jobs", type=int, default=None)
+    _scheduler_argument(p)
     p.set_defaults(handler=_cmd_plan)
 
     p = _subcommand(sub, "preprocess", "Crop, resample and normalize every training case per the plan (resumable).",
@@ -334,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, default=None, help="parallel workers (default: all cores)")
     p.add_argument("--force", action="store_true", help="redo every case")
     p.add_argument("--dataset", type=Path, default=None, help="raw dataset folder if it moved since planning")
+    _scheduler_argument(p)
     p.set_defaults(handler=_cmd_preprocess)
 
     p = _subcommand(sub, "train", "Train one fold (or all cases) of a configuration; resumable and extendable.",
@@ -344,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work", type=Path)
     p.add_argument("-c", "--configuration", required=True)
     p.add_argument("-f", "--fold", required=True, help="fold number, or 'all' to train on every case")
-    p.add_argument("--device", default="cpu")
+    _device_argument(p)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iters-per-epoch", type=int, default=None)
     p.add_argument("--val-iters", type=int, default=None, help="validation iterations per epoch")
@@ -372,15 +464,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("-c", "--configuration", default=None)
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained)")
-    p.add_argument("--device", default="cpu")
+    _device_argument(p)
+    p.add_argument("--runtime", default="torch", choices=RUNTIME_NAMES,
+                   help="torch (checkpoints), or onnx / torchscript for a folder from export-model --format")
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="redo cases already predicted")
     p.add_argument("--fast", action="store_true", help="one fold, no TTA, step 0.75")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument("--output-format", default="nifti", choices=OUTPUT_FORMAT_NAMES,
+                   help="nifti: label maps in the inputs' format (the dataset's file ending for DICOM series); "
+                        "dicom-seg: a DICOM Segmentation CASE.dcm per DICOM series input (sub-folder of -i)")
     _precision_argument(p)
+    _scheduler_argument(p)
+    p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                   help="one worker per device on this machine, e.g. cuda:0 cuda:1 (needs autoseg[distributed])")
+    p.add_argument("--save-uncertainty", action="store_true",
+                   help="also write CASE_uncertainty<ending>: the voxel-wise normalised entropy (0 certain, 1 unsure)")
+    p.add_argument("--no-summary", action="store_true",
+                   help="skip summary.json (per-case confidence and review flags) and the flagged-case list")
     p.set_defaults(handler=_cmd_predict)
+
+    p = _subcommand(sub, "calibrate", "Fit the temperature that calibrates a configuration's probabilities and the "
+                                      "training statistics its predictions are checked against.",
+                    "autoseg calibrate work/ct -c 3d_fullres")
+    p.add_argument("work", type=Path)
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="cross-validation folds (default: every trained)")
+    _device_argument(p)
+    p.set_defaults(handler=_cmd_calibrate)
+
+    p = _subcommand(sub, "report", "Write one HTML review sheet of predictions: contours on three slices per "
+                                   "structure, flags and confidence, least trusted case first.",
+                    "autoseg report predictions/ --images scans/ --reference labelsTs/ -o report/")
+    p.add_argument("predictions", type=Path, help="folder written by autoseg predict")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for index.html and its PNGs")
+    p.add_argument("--reference", type=Path, default=None, help="reference label maps (same file names)")
+    p.add_argument("--images", type=Path, default=None, help="the input images (CASE_0000<ending>)")
+    p.set_defaults(handler=_cmd_report)
 
     p = _subcommand(sub, "evaluate", "Score predictions against references: Dice, IoU, HD95, NSD and more.",
                     "autoseg evaluate predictions/ data/ct/labelsTs --dataset-json data/ct/dataset.json")
@@ -428,10 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "export-model", "Pack a trained model (plan, dataset.json, checkpoints, post-processing) "
                                          "into one zip file.",
-                    "autoseg export-model work/ct -o ct_model.zip")
+                    "autoseg export-model work/ct -o ct_model.zip\n"
+                    "autoseg export-model work/ct -o ct_onnx --format onnx   # runs with onnxruntime")
     p.add_argument("work", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("-c", "--configurations", nargs="+", default=None)
+    p.add_argument("--format", default="zip", choices=EXPORT_FORMAT_NAMES,
+                   help="zip: the checkpoints in one file; onnx / torchscript: a model folder of exported "
+                        "networks (dynamic batch and spatial axes) for autoseg predict --runtime")
     p.set_defaults(handler=_cmd_export_model)
 
     p = _subcommand(sub, "import-model", "Unpack a model zip into a folder usable by `autoseg predict`.",
@@ -445,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--dataset", type=Path, default=None)
     source.add_argument("--example", choices=EXAMPLE_KIND_NAMES, default=None)
-    p.add_argument("--device", default="cpu")
+    _device_argument(p)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("-o", "--output", type=Path, default=Path("bench_results.json"))
     p.set_defaults(handler=_cmd_benchmark)
@@ -498,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
+    restore_sigterm = sigterm_as_interrupt()  # a scheduler's stop takes the Ctrl-C path: work kept, hint shown
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -513,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"autoseg {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        restore_sigterm()
 
 
 if __name__ == "__main__":

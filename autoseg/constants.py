@@ -34,3 +34,12 @@ DEFAULT_FILE_ENDING = ".nii.gz"
 # autoseg.precision: autocast precision and torch.compile choices of train and predict
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "on", "off")
+
+# autoseg predict --runtime (autoseg.inference.runtimes.RUNTIMES) and autoseg export-model --format
+# (autoseg.inference.export.EXPORT_FORMATS)
+RUNTIME_NAMES = ("torch", "onnx", "torchscript")
+EXPORT_FORMAT_NAMES = ("zip", "onnx", "torchscript")
+
+# autoseg predict --output-format: label maps in the input's own format (nifti: the dataset's file
+# ending), or a DICOM Segmentation per DICOM series input (autoseg.dicom)
+OUTPUT_FORMAT_NAMES = ("nifti", "dicom-seg")

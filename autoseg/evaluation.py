@@ -78,9 +78,11 @@ from scipy import ndimage
 
 from autoseg.constants import DEFAULT_FILE_ENDING, DEFAULT_TOLERANCE_MM
 from autoseg.dataset import load_dataset_json
+from autoseg.dicom import DICOM_SEG_ENDING, is_dicom_seg, read_dicom_seg_image, read_label_pair
 from autoseg.errors import AutosegError
 from autoseg.io import read_image
 from autoseg.labels import LabelValue, label_mask, select_labels
+from autoseg.processes import exit_with_parent
 from autoseg.utils import atomic_write_text, bounding_slices
 
 
@@ -534,23 +536,28 @@ def evaluate_folders(
 
 
 def _match_cases(pred_dir: Path, ref_dir: Path, file_ending: str) -> list[tuple[str, Path, Path]]:
-    """Pair references with predictions by file name; every mismatch is reported at once."""
+    """Pair references with predictions by case name (``CASE<file_ending>``, or a DICOM SEG
+    ``CASE.dcm`` on either side); every mismatch is reported at once."""
     def files(folder: Path) -> dict[str, Path]:
         # Hidden files are skipped: an interrupted atomic write leaves a ".name.tmp" behind.
-        return {p.name: p for p in sorted(folder.iterdir())
-                if p.is_file() and not p.name.startswith(".") and p.name.endswith(file_ending)}
+        found = {}
+        for p in sorted(folder.iterdir()):
+            ending = next((e for e in (file_ending, DICOM_SEG_ENDING) if p.name.endswith(e)), None)
+            if ending is not None and p.is_file() and not p.name.startswith("."):
+                found[p.name[: -len(ending)]] = p
+        return found
 
     refs, preds = files(ref_dir), files(pred_dir)
     if not refs:
-        raise FileNotFoundError(f"{ref_dir}: no reference files ending in {file_ending!r}")
-    missing = [str(pred_dir / name) for name in refs if name not in preds]
+        raise FileNotFoundError(f"{ref_dir}: no reference files ending in {file_ending!r} or {DICOM_SEG_ENDING!r}")
+    missing = [str(pred_dir / (case + file_ending)) for case in refs if case not in preds]
     if missing:
         raise FileNotFoundError(f"{len(missing)} prediction(s) missing for references in {ref_dir}: "
                                 + ", ".join(missing))
     orphans = [str(preds[name]) for name in preds if name not in refs]
     if orphans:
         raise EvaluationError(f"{len(orphans)} prediction(s) have no reference in {ref_dir}: " + ", ".join(orphans))
-    return [(name[: -len(file_ending)], preds[name], refs[name]) for name in refs]
+    return [(case, preds[case], refs[case]) for case in refs]
 
 
 def _labels_from_references(ref_paths: list[Path], ignore_label: int | None) -> dict[str, int]:
@@ -565,8 +572,7 @@ def _labels_from_references(ref_paths: list[Path], ignore_label: int | None) -> 
 
 
 def _read_label_image(path: Path):
-
-    return read_image(path)
+    return read_dicom_seg_image(path) if is_dicom_seg(path) else read_image(path)
 
 
 def _check_integer_labels(array: np.ndarray, path: Path) -> None:
@@ -595,8 +601,7 @@ def _check_same_geometry(pred, ref, pred_path: Path, ref_path: Path) -> None:
 
 
 def _evaluate_case_files(task: _CaseTask) -> list[Row]:
-    pred = _read_label_image(task.pred_path)
-    ref = _read_label_image(task.ref_path)
+    pred, ref = read_label_pair(task.pred_path, task.ref_path)  # a DICOM SEG onto the other's grid
     _check_same_geometry(pred, ref, task.pred_path, task.ref_path)
     _check_integer_labels(pred.array, task.pred_path)
     _check_integer_labels(ref.array, task.ref_path)
@@ -608,7 +613,8 @@ def _run_tasks(tasks: list[_CaseTask], n_jobs: int) -> list[list[Row]]:
     if n_jobs == 1 or len(tasks) <= 1:
         return [_evaluate_case_files(task) for task in tasks]
     # "spawn" rather than fork: the parent may hold torch/OpenMP threads that a fork would corrupt.
-    with ProcessPoolExecutor(max_workers=min(n_jobs, len(tasks)), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=min(n_jobs, len(tasks)), mp_context=get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         return list(pool.map(_evaluate_case_files, tasks))
 
 

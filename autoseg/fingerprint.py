@@ -53,6 +53,7 @@ from pydantic.dataclasses import dataclass
 from scipy import ndimage
 from tqdm import tqdm
 
+from autoseg.cluster import case_runner, connect
 from autoseg.dataset import (
     DATASET_JSON,
     CaseFiles,
@@ -63,6 +64,7 @@ from autoseg.dataset import (
 )
 from autoseg.errors import AutosegError
 from autoseg.orientation import canonical_spacing, canonical_transform, to_canonical
+from autoseg.processes import exit_with_parent
 from autoseg.utils import (
     atomic_write_json,
     bounding_slices,
@@ -460,7 +462,7 @@ def default_samples_per_case(num_cases: int) -> int:
 
 
 def compute_fingerprint(dataset_dir: str | os.PathLike, n_jobs: int | None = None, progress: bool = True,
-                        samples_per_case: int | None = None) -> Fingerprint:
+                        samples_per_case: int | None = None, scheduler: str | None = None) -> Fingerprint:
     """Read every training case (in parallel) and summarize the dataset.
 
     Args:
@@ -469,8 +471,10 @@ def compute_fingerprint(dataset_dir: str | os.PathLike, n_jobs: int | None = Non
         progress: show a progress bar.
         samples_per_case: foreground intensities drawn per case and channel; default spreads
             :data:`TOTAL_FOREGROUND_SAMPLES` evenly over the cases.
+        scheduler: read the cases on a Dask cluster (``local:N`` or ``tcp://host:8786``;
+            :mod:`autoseg.cluster`) instead of local processes; the same fingerprint.
     """
-    from joblib import Parallel, delayed
+    from joblib import delayed
 
     dataset_dir = Path(dataset_dir)
     dataset = load_dataset_json(dataset_dir)
@@ -479,23 +483,32 @@ def compute_fingerprint(dataset_dir: str | os.PathLike, n_jobs: int | None = Non
     samples_per_case = samples_per_case or default_samples_per_case(len(cases))
     n_jobs = n_jobs or min(os.cpu_count() or 1, len(cases))
     ignore = dataset.ignore_label
-    if n_jobs == 1:
-        results = (analyze_case(case, samples_per_case, SEED, ignore) for case in cases)
-    else:
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(analyze_case)(case, samples_per_case, SEED, ignore) for case in cases)
     fingerprints, samples = [], []
-    for fingerprint, case_samples in tqdm(results, total=len(cases), desc="fingerprint", unit="case",
-                                          disable=not progress):
-        fingerprints.append(fingerprint)
-        samples.append(case_samples)
+    with connect(scheduler) as client:
+        if n_jobs == 1 and client is None:
+            results = (analyze_case(case, samples_per_case, SEED, ignore) for case in cases)
+        else:
+            # a cluster's workers are not this command's children: they live on (the cluster ends them)
+            main_pid = None if client is not None else os.getpid()
+            results = case_runner(n_jobs, on_cluster=client is not None)(
+                delayed(_analyze_in_worker)(case, samples_per_case, SEED, ignore, main_pid) for case in cases)
+        for fingerprint, case_samples in tqdm(results, total=len(cases), desc="fingerprint", unit="case",
+                                              disable=not progress):
+            fingerprints.append(fingerprint)
+            samples.append(case_samples)
     pooled = [np.concatenate([s[c] for s in samples]) for c in range(dataset.num_channels)]
     return summarize(dataset_dir, dataset, tuple(fingerprints), pooled, samples_per_case, hash_)
 
 
+def _analyze_in_worker(case: CaseFiles, samples_per_case: int, seed: int, ignore: int | None,
+                       main_pid: int | None) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    exit_with_parent(main_pid)  # a pool worker ends with the command, even after kill -9
+    return analyze_case(case, samples_per_case, seed, ignore)
+
+
 def load_or_compute_fingerprint(dataset_dir: str | os.PathLike, work_dir: str | os.PathLike,
                                 n_jobs: int | None = None, force: bool = False,
-                                progress: bool = True) -> tuple[Fingerprint, bool]:
+                                progress: bool = True, scheduler: str | None = None) -> tuple[Fingerprint, bool]:
     """Reuse ``WORK/fingerprint.json`` if the dataset did not change, else compute and save it.
 
     Returns:
@@ -510,6 +523,6 @@ def load_or_compute_fingerprint(dataset_dir: str | os.PathLike, work_dir: str | 
         else:
             if cached.dataset_hash == dataset_hash(dataset_dir):
                 return cached, True
-    fingerprint = compute_fingerprint(dataset_dir, n_jobs=n_jobs, progress=progress)
+    fingerprint = compute_fingerprint(dataset_dir, n_jobs=n_jobs, progress=progress, scheduler=scheduler)
     save_fingerprint(fingerprint, path)
     return fingerprint, False

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from autoseg.atomic import WriteError, is_temporary, remove_stale_temporaries
 from autoseg.case_properties import (
     CaseProperties,
     SidecarPrior,
@@ -68,9 +69,11 @@ from autoseg.case_properties import (
     load_case_properties,
     save_case_properties,
 )
+from autoseg.cluster import case_runner, connect
 from autoseg.dataset import CaseData, CaseFiles, DatasetError, load_case, training_cases
 from autoseg.errors import AutosegError
 from autoseg.io import ImageReadError
+from autoseg.locks import folder_lock
 from autoseg.orientation import (
     canonical_shape,
     canonical_spacing,
@@ -89,6 +92,7 @@ from autoseg.plan import (
     plan_hash,
     plan_to_dict,
 )
+from autoseg.processes import exit_with_parent
 from autoseg.resampling import (
     compute_new_shape,
     find_slow_axis,
@@ -100,6 +104,7 @@ from autoseg.resampling import (
 # restore_to_original: the inverse, imported from here by its callers
 from autoseg.restore import box_slices, restore_to_original  # noqa: F401
 from autoseg.utils import atomic_write, atomic_write_json, bounding_slices, read_json
+from autoseg.validate import require_valid_dataset
 from autoseg.workdir import WorkDir
 
 MAX_CLASS_LOCATIONS = 10_000
@@ -489,7 +494,7 @@ def _check_same_configuration(folder: Path, expected_hash: str) -> None:
 def _clear(folder: Path) -> None:
     """Delete this configuration's outputs (``--force``), nothing else."""
     for path in folder.iterdir():
-        if path.is_file() and (path.name.startswith(".") or path.suffix in (".npy", ".json")):
+        if path.is_file() and (is_temporary(path.name) or path.suffix in (".npy", ".json")):
             path.unlink()
 
 
@@ -514,8 +519,9 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 
 def _preprocess_one(case: CaseFiles, plan_data: dict, configuration: str, folder: str, threads: int,
-                    device: str) -> tuple[str, str | None]:
+                    device: str, main_pid: int | None = None) -> tuple[str, str | None]:
     """Load, preprocess and store one case; returns ``(case_id, error message or None)``."""
+    exit_with_parent(main_pid)  # a pool worker ends with the command, even after kill -9
     try:
         with _torch_threads(threads):
             plan = plan_from_dict(plan_data)
@@ -523,7 +529,7 @@ def _preprocess_one(case: CaseFiles, plan_data: dict, configuration: str, folder
         sources = {"images": [str(p) for p in case.images], "label": str(case.label) if case.label else None}
         save_preprocessed_case(folder, result._replace(properties=replace(result.properties, source_files=sources)))
         return case.case_id, None
-    except (ImageReadError, DatasetError) as error:  # these already name the file
+    except (ImageReadError, DatasetError, WriteError) as error:  # these already name the file
         return case.case_id, f"{case.case_id}: {error}"
     except Exception as error:
         files = ", ".join(str(p) for p in (*case.images, case.label) if p is not None)
@@ -531,8 +537,8 @@ def _preprocess_one(case: CaseFiles, plan_data: dict, configuration: str, folder
 
 
 def _run_cases(cases: Sequence[CaseFiles], plan: Plan, configuration: str, folder: Path, n_jobs: int,
-               device: str, progress: bool) -> dict[str, str | None]:
-    from joblib import Parallel, delayed
+               device: str, progress: bool, on_cluster: bool = False) -> dict[str, str | None]:
+    from joblib import delayed
     from tqdm.auto import tqdm
 
     workers = max(1, min(n_jobs, len(cases)))
@@ -540,23 +546,28 @@ def _run_cases(cases: Sequence[CaseFiles], plan: Plan, configuration: str, folde
     # limit the caller set, e.g. OMP_NUM_THREADS, is kept).
     threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
     plan_data = plan_to_dict(plan)
-    tasks = (delayed(_preprocess_one)(case, plan_data, configuration, str(folder), threads, device)
+    # a cluster's workers are not this command's children: they live on (the cluster ends them)
+    main_pid = None if on_cluster else os.getpid()
+    tasks = (delayed(_preprocess_one)(case, plan_data, configuration, str(folder), threads, device, main_pid)
              for case in cases)
     results: dict[str, str | None] = {}
     bar = tqdm(total=len(cases), desc=f"preprocess {configuration}", unit="case", disable=not progress)
     with bar:
         # One case per task and unordered results: a worker holds one case at a time.
+        outcomes = case_runner(workers, on_cluster, unordered=True)(tasks)
         try:
-            runner = Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
-        except ValueError:  # joblib < 1.4 has no unordered generator
-            runner = Parallel(n_jobs=workers, backend="loky", return_as="generator")
-        for case_id, error in runner(tasks):
-            results[case_id] = error
-            bar.update(1)
+            for case_id, error in outcomes:
+                results[case_id] = error
+                bar.update(1)
+        except BaseException:
+            outcomes.close()  # stops the workers now (an interrupt), not when the traceback is freed
+            # what they were writing when they were stopped: nothing writes here any more
+            remove_stale_temporaries(folder)
+            raise
     return results
 
 
-def _write_manifest(folder: Path, plan: Plan, configuration: str, dataset_dir: Path,
+def _write_manifest(folder: Path, plan: Plan, configuration: str, dataset_dir: Path, cases: Sequence[CaseFiles],
                     finished: Sequence[CaseFiles], failed: dict[str, str]) -> tuple[int, int]:
     sizes = {case.case_id: {"raw_bytes": _raw_bytes(case), "stored_bytes": _stored_bytes(folder, case.case_id)}
              for case in sorted(finished, key=lambda c: c.case_id)}
@@ -568,6 +579,7 @@ def _write_manifest(folder: Path, plan: Plan, configuration: str, dataset_dir: P
         "configuration": configuration,
         "dataset_dir": str(dataset_dir),
         "cases": list(sizes),
+        "expected_cases": sorted(case.case_id for case in cases),  # training refuses a folder missing some
         "failed": dict(sorted(failed.items())),
         "raw_bytes_total": raw,
         "stored_bytes_total": stored,
@@ -579,7 +591,7 @@ def _write_manifest(folder: Path, plan: Plan, configuration: str, dataset_dir: P
 
 def _preprocess_configuration(plan: Plan, configuration: str, work: WorkDir, dataset_dir: Path,
                               cases: Sequence[CaseFiles], n_jobs: int, force: bool, device: str,
-                              progress: bool) -> PreprocessSummary:
+                              progress: bool, on_cluster: bool = False) -> PreprocessSummary:
     started = time.perf_counter()
     folder = work.preprocessed(configuration)
     folder.mkdir(parents=True, exist_ok=True)
@@ -588,7 +600,7 @@ def _preprocess_configuration(plan: Plan, configuration: str, work: WorkDir, dat
         _clear(folder)
     else:
         _check_same_configuration(folder, expected)
-    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in folder.iterdir() if is_temporary(p.name)]  # a crashed run's
     done = [c for c in cases if _is_finished(folder, c.case_id, expected, leftovers)]
     done_ids = {c.case_id for c in done}
     todo = [c for c in cases if c.case_id not in done_ids]
@@ -597,13 +609,13 @@ def _preprocess_configuration(plan: Plan, configuration: str, work: WorkDir, dat
     for case in todo:
         # The sidecar marks a finished case; remove it first so a crash mid-case is never "done".
         case_paths(folder, case.case_id)[2].unlink(missing_ok=True)
-    _write_manifest(folder, plan, configuration, dataset_dir, done, {})
+    _write_manifest(folder, plan, configuration, dataset_dir, cases, done, {})
 
-    results = _run_cases(todo, plan, configuration, folder, n_jobs, device, progress) if todo else {}
+    results = _run_cases(todo, plan, configuration, folder, n_jobs, device, progress, on_cluster) if todo else {}
     failed = {case_id: error for case_id, error in results.items() if error is not None}
     processed = sorted(case_id for case_id, error in results.items() if error is None)
     finished = [c for c in cases if c.case_id in done_ids or c.case_id in processed]
-    raw, stored = _write_manifest(folder, plan, configuration, dataset_dir, finished, failed)
+    raw, stored = _write_manifest(folder, plan, configuration, dataset_dir, cases, finished, failed)
     return PreprocessSummary(configuration, folder, processed, sorted(done_ids), failed, raw, stored,
                              time.perf_counter() - started)
 
@@ -611,7 +623,8 @@ def _preprocess_configuration(plan: Plan, configuration: str, work: WorkDir, dat
 def preprocess_dataset(work_dir: str | os.PathLike, configurations: Sequence[str] | None = None,
                        n_jobs: int | None = None, force: bool = False,
                        dataset_dir: str | os.PathLike | None = None, progress: bool = True,
-                       device: str | None = None) -> dict[str, PreprocessSummary]:
+                       device: str | None = None, scheduler: str | None = None,
+                       validate: bool = True) -> dict[str, PreprocessSummary]:
     """Preprocess every training case for the plan's configurations (``autoseg preprocess``).
 
     Args:
@@ -623,12 +636,18 @@ def preprocess_dataset(work_dir: str | os.PathLike, configurations: Sequence[str
         dataset_dir: the raw dataset; default ``fingerprint.json``'s ``"dataset_dir"``.
         progress: show a progress bar.
         device: torch device for resampling; default CUDA when available, else the CPU.
+        scheduler: run the cases on a Dask cluster instead of local processes (``local:N`` or an
+            address such as ``tcp://host:8786``; :mod:`autoseg.cluster`); the same output.
+        validate: first run the dataset checks (:func:`autoseg.validate.require_valid_dataset`;
+            reused from ``plan`` when the dataset did not change): errors stop here.
 
     Returns:
         a :class:`PreprocessSummary` per configuration.
 
     Raises:
         PlanError: no plan, or an unknown configuration.
+        DatasetValidationError: the dataset fails the checks of ``autoseg validate``.
+        AutosegLockError: another run is preprocessing the same configuration.
         DatasetError: the raw dataset's cases cannot be listed.
         PreprocessingError: the folder holds another plan's output (use ``force``), or some cases
             failed; the message names each failed case and its problem, every other case is done.
@@ -639,16 +658,23 @@ def preprocess_dataset(work_dir: str | os.PathLike, configurations: Sequence[str
     # a configuration that shares another's data (the cascade) preprocesses that one, once
     names = list(dict.fromkeys(plan.configuration(name).data_name for name in names))
     source = _dataset_dir(work, dataset_dir)
-    cases = training_cases(source)
     n_jobs = n_jobs or os.cpu_count() or 1
+    if validate:  # errors stop here, warnings are printed
+        require_valid_dataset(source, work.root, n_jobs, progress)
+    cases = training_cases(source)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     summaries: dict[str, PreprocessSummary] = {}
     failures: dict[str, str] = {}
-    for name in names:
-        summary = _preprocess_configuration(plan, name, work, source, cases, n_jobs, force, device, progress)
-        summaries[name] = summary
-        failures.update({f"{name}/{case_id}": error for case_id, error in summary.failed.items()})
+    with connect(scheduler) as client:
+        for name in names:
+            # one run per configuration folder: a second one would delete the first's temporary files
+            with folder_lock(work.preprocessed(name),
+                             f"preprocessed configuration {name!r} ({work.preprocessed(name)})"):
+                summary = _preprocess_configuration(plan, name, work, source, cases, n_jobs, force, device,
+                                                    progress, on_cluster=client is not None)
+            summaries[name] = summary
+            failures.update({f"{name}/{case_id}": error for case_id, error in summary.failed.items()})
     if failures:
         lines = "\n".join(f"- [{key.split('/')[0]}] {message}" for key, message in failures.items())
         raise PreprocessingError(f"{len(failures)} case(s) could not be preprocessed (all others are done):\n"

@@ -46,6 +46,7 @@ from autoseg.preprocessing import (
     preprocess_dataset,
     restore_to_original,
 )
+from autoseg.validate import DatasetValidationError
 
 CT = ChannelNormalization("CT", "ct", clip_low=-500.0, clip_high=300.0, mean=20.0, std=150.0)
 PRIORS = (IntensityWindow("lung", -1000.0, -400.0), IntensityWindow("soft_tissue", -100.0, 100.0),
@@ -467,8 +468,11 @@ def test_corrupted_case_is_named_and_the_others_complete(work):
     work_dir, dataset, _ = work
     broken = dataset / "imagesTr" / "c2_0000.nii.gz"
     broken.write_bytes(broken.read_bytes()[:200])  # truncated
-    with pytest.raises(PreprocessingError) as caught:
+    with pytest.raises(DatasetValidationError, match="c2_0000.nii.gz"):  # the dataset checks stop it first
         preprocess_dataset(work_dir, ["3d_fullres"], n_jobs=1, progress=False)
+    assert not (work_dir / "preprocessed" / "3d_fullres").exists()
+    with pytest.raises(PreprocessingError) as caught:  # a file that breaks after the checks: its case fails
+        preprocess_dataset(work_dir, ["3d_fullres"], n_jobs=1, progress=False, validate=False)
     message = str(caught.value)
     assert "c2" in message and str(broken) in message and "c0" not in message
     assert set(caught.value.failures) == {"3d_fullres/c2"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -18,16 +19,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoseg.dataset import CHANNEL_SUFFIX, CaseFiles, DatasetJson, index_cases, load_case, load_dataset_json
+from autoseg.cluster import connect
+from autoseg.constants import DEFAULT_FILE_ENDING, OUTPUT_FORMAT_NAMES
+from autoseg.dataset import (
+    CHANNEL_SUFFIX,
+    CaseFiles,
+    CaseIndex,
+    DatasetJson,
+    index_cases,
+    load_case,
+    load_dataset_json,
+)
 from autoseg.devices import resolve_device
+from autoseg.dicom import DICOM_SEG_ENDING, series_cases, write_dicom_seg
+from autoseg.inference.distributed import CaseWriter, PredictorOptions, predict_on_cluster
 from autoseg.inference.model import PredictionError, resolve_configuration, resolve_folds
 from autoseg.inference.pipeline import PreparedCase, run_pipeline
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.runtimes import Runtime
 from autoseg.io import SUPPORTED_ENDINGS, file_ending, write_like
+from autoseg.locks import folder_lock
 from autoseg.model_archive import import_model
 from autoseg.plan import load_plan
 from autoseg.postprocessing_steps import PROBABILITIES_SUFFIX
+from autoseg.trust import TrustRecorder
+from autoseg.trust.recorder import UNCERTAINTY_SUFFIX, write_uncertainty
 from autoseg.utils import atomic_write, atomic_write_json
 from autoseg.workdir import WorkDir
 
@@ -51,6 +67,11 @@ def predict_folder(
     progress: bool = True,
     precision: str = "auto",
     runtime: Runtime = "torch",
+    output_format: str = "nifti",
+    scheduler: str | None = None,
+    devices: Sequence[str] | None = None,
+    summary: bool = True,
+    save_uncertainty: bool = False,
 ) -> list[Path]:
     """Segment every case of a folder and write the results in the inputs' own geometry and format.
 
@@ -75,6 +96,17 @@ def predict_folder(
             ``fp32``, ``bf16`` or ``fp16`` (CUDA); see :mod:`autoseg.precision`.
         runtime: ``torch``, or ``onnx`` / ``torchscript`` for a folder from ``autoseg export-model
             --format onnx|torchscript`` (the same preprocessing, tiling, TTA and export around it).
+        output_format: ``nifti`` (label maps in the inputs' format; the dataset's file ending for
+            DICOM series inputs, sub-folders of ``input_dir`` holding one series each), or
+            ``dicom-seg``: a DICOM Segmentation ``CASE.dcm`` per series input (:mod:`autoseg.dicom`).
+        scheduler: predict on a Dask cluster (``local:N`` or ``tcp://host:8786``): one case per
+            task, one loaded model per worker (:mod:`autoseg.inference.distributed`); the model,
+            inputs and outputs must be on storage every worker sees.
+        devices: one local worker per device (``["cuda:0", "cuda:1"]``), instead of ``scheduler``.
+        summary: write ``summary.json`` (:mod:`autoseg.trust`: confidence per class, "needs review"
+            flags, timing); mirroring then runs one sliding window per mirrored copy, so the copies'
+            agreement is measured (the same forward passes). Not on a cluster.
+        save_uncertainty: also write ``CASE_uncertainty<ending>``, the voxel-wise normalised entropy.
 
     Returns:
         The label files of every case (written now or found from an earlier run).
@@ -89,39 +121,85 @@ def predict_folder(
         raise PredictionError(f"{input_dir}: input folder does not exist")
     if not 0 < step <= 1:
         raise PredictionError(f"step must be in (0, 1], got {step}")
-    with _model_folder(model_dir) as model_dir:
+    if output_format not in OUTPUT_FORMAT_NAMES:
+        raise PredictionError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMAT_NAMES)}")
+    if scheduler is not None and devices:
+        raise PredictionError("--devices starts a worker per device on this machine; use it without --scheduler")
+    original_model = model_dir
+    # one run per output folder; what a crashed run left there is removed first (autoseg.locks)
+    lock = folder_lock(output_dir, f"prediction folder {output_dir}", clean_stale=True)
+    with lock, _model_folder(model_dir) as model_dir:
         if fast:
             name = resolve_configuration(model_dir, load_plan(model_dir), configuration, runtime)
             available = resolve_folds(model_dir, name, folds, runtime)
             configuration, folds, tta, step = name, available[:1], False, FAST_STEP
         predictor = Predictor.from_model(model_dir, configuration, folds, device, tta, checkpoint, precision, step,
                                          runtime, progress)
-        return _predict_cases(predictor, model_dir, input_dir, output_dir, save_probabilities, overwrite,
-                              num_workers, progress)
+        on_cluster = None
+        if scheduler is not None or devices:
+            # the workers load the model themselves, from the path given (a zip too): absolute paths
+            on_cluster = (PredictorOptions(str(Path(original_model).resolve()), predictor.model.configuration.name,
+                                           tuple(f.fold for f in predictor.model.folds), predictor.tta, checkpoint,
+                                           precision, predictor.step, runtime, str(device)),
+                          scheduler if scheduler is not None else f"local:{len(devices or ())}", devices)
+        return _predict_cases(predictor, model_dir, input_dir.resolve(), output_dir.resolve(), save_probabilities,
+                              overwrite, num_workers, progress, output_format, on_cluster, summary, save_uncertainty)
 
 
 def _predict_cases(predictor: Predictor, model_dir: Path, input_dir: Path, output_dir: Path,
-                   save_probabilities: bool, overwrite: bool, num_workers: int, progress: bool) -> list[Path]:
+                   save_probabilities: bool, overwrite: bool, num_workers: int, progress: bool,
+                   output_format: str = "nifti",
+                   on_cluster: tuple[PredictorOptions, str, Sequence[str] | None] | None = None,
+                   summary: bool = False, save_uncertainty: bool = False) -> list[Path]:
     model = predictor.model
     dataset_json_path = WorkDir(model_dir).dataset_json
     dataset = load_dataset_json(dataset_json_path) if dataset_json_path.is_file() else None
-    ending = _input_ending(input_dir, dataset)
-    index = index_cases(input_dir, ending, len(model.plan.channel_names))
+    series = series_cases(input_dir, len(model.plan.channel_names))  # DICOM series sub-folders, one case each
+    if output_format == "dicom-seg" and not series:
+        raise PredictionError(f"{input_dir}: --output-format dicom-seg needs DICOM series inputs (one sub-folder "
+                              "per case holding its series); found none")
+    ending = (dataset.file_ending if dataset is not None else DEFAULT_FILE_ENDING) if series \
+        else _input_ending(input_dir, dataset)
+    index = CaseIndex(series, []) if series else index_cases(input_dir, ending, len(model.plan.channel_names))
+    if output_format == "dicom-seg":
+        ending = DICOM_SEG_ENDING
     for problem in index.problems:
         warnings.warn(problem, stacklevel=2)
     if not index.cases:
         raise PredictionError(f"{input_dir}: no complete case (CASE_0000{ending} ... CASE_"
                               f"{len(model.plan.channel_names) - 1:04d}{ending})")
     outputs = {c.case_id: _outputs(output_dir, c.case_id, ending, save_probabilities) for c in index.cases}
+    if save_uncertainty:
+        uncertainty_ending = DEFAULT_FILE_ENDING if ending == DICOM_SEG_ENDING else ending
+        for case_id, output in outputs.items():
+            output.uncertainty = output_dir / f"{case_id}{UNCERTAINTY_SUFFIX}{uncertainty_ending}"
+    if output_format == "dicom-seg":
+        for case in index.cases:
+            outputs[case.case_id].dicom_series = case.images[0]
     todo = [c for c in index.cases if overwrite or not _is_done(outputs[c.case_id])]
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipeline = CasePipeline(predictor, outputs)
-    failures = run_pipeline(pipeline, todo, num_workers, progress)
+    if on_cluster is not None:
+        options, scheduler, devices = on_cluster
+        with connect(scheduler) as client:
+            failures = predict_on_cluster(client, options, todo, outputs, overwrite, CaseWriter(_is_done, write_case),
+                                          devices, progress)
+    else:
+        trust = TrustRecorder(WorkDir(model_dir).models(model.configuration.name), model.configuration.name,
+                              model.label_info, model.plan.channel_names, [f.fold for f in model.folds],
+                              predictor.tta) if summary else None
+        failures = run_pipeline(CasePipeline(predictor, outputs, trust), todo, num_workers, progress)
+        if trust is not None:
+            redone = {c.case_id for c in todo}
+            trust.write(output_dir, keep=[c.case_id for c in index.cases if c.case_id not in redone])
     written = [outputs[c.case_id].label for c in index.cases if c.case_id not in failures]
     if failures:
         lines = "\n".join(f"- {message}" for message in failures.values())
         raise PredictionError(f"{len(failures)} of {len(index.cases)} case(s) could not be predicted (every other "
                               f"case is written to {output_dir}):\n{lines}", failures, written)
+    if index.problems:  # a case skipped for a missing or misnamed file: the command must not look done
+        lines = "\n".join(f"- {problem}" for problem in index.problems)
+        raise PredictionError(f"{input_dir}: {len(index.problems)} input file problem(s), not predicted (every "
+                              f"complete case is written to {output_dir}):\n{lines}", {}, written)
     return written
 
 
@@ -153,7 +231,8 @@ def _outputs(output_dir: Path, case_id: str, ending: str, save_probabilities: bo
 
 
 def _is_done(outputs: CaseOutputs) -> bool:
-    return all(p is None or p.is_file() for p in (outputs.label, outputs.probabilities, outputs.sidecar))
+    return all(p is None or p.is_file()
+               for p in (outputs.label, outputs.probabilities, outputs.sidecar, outputs.uncertainty))
 
 
 @contextlib.contextmanager
@@ -173,14 +252,19 @@ class CaseOutputs:
     label: Path
     probabilities: Path | None
     sidecar: Path | None
+    dicom_series: Path | None = None  # --output-format dicom-seg: the source series the SEG references
+    uncertainty: Path | None = None   # --save-uncertainty: the voxel-wise entropy map
 
 
 class CasePipeline:
     """The folder's stages around one :class:`Predictor` (for :func:`run_pipeline`; internal)."""
 
-    def __init__(self, predictor: Predictor, outputs: dict[str, CaseOutputs]) -> None:
+    def __init__(self, predictor: Predictor, outputs: dict[str, CaseOutputs], trust: TrustRecorder | None = None
+                 ) -> None:
         self.predictor = predictor
         self.outputs = outputs
+        self.trust = trust
+        self.uncertainty: dict[str, np.ndarray] = {}  # from infer to export, per case
 
     # runs in a worker thread
     def prepare(self, case: CaseFiles) -> PreparedCase:
@@ -188,20 +272,40 @@ class CasePipeline:
 
     # runs in the main thread: the network's turn
     def infer(self, prepared: PreparedCase) -> tuple[np.ndarray, np.ndarray | None]:
-        keep = self.outputs[prepared.case_id].probabilities is not None
-        return self.predictor.infer(prepared, keep_probabilities=keep)
+        outputs = self.outputs[prepared.case_id]
+        keep = outputs.probabilities is not None
+        if self.trust is None:
+            return self.predictor.infer(prepared, keep_probabilities=keep)
+        started = time.perf_counter()
+        members = self.trust.members()
+        labels, probabilities = self.predictor.infer(prepared, keep_probabilities=True, members=members)
+        assert probabilities is not None
+        assessment = self.trust.assess(
+            prepared.case_id, outputs.label.name, probabilities, labels,
+            prepared.image[: self.predictor.model.base_channels], prepared.properties, members,
+            time.perf_counter() - started, None if outputs.uncertainty is None else outputs.uncertainty.name)
+        if outputs.uncertainty is not None:
+            self.uncertainty[prepared.case_id] = assessment.uncertainty.numpy()
+        return labels, probabilities if keep else None
 
     # runs in a worker thread
     def export(self, prepared: PreparedCase, labels: np.ndarray, probabilities: np.ndarray | None) -> Path:
         restored, full = self.predictor.restore(prepared, labels, probabilities)
-        return write_case(self.predictor, prepared, self.outputs[prepared.case_id], restored, full)
+        outputs = self.outputs[prepared.case_id]
+        uncertainty = self.uncertainty.pop(prepared.case_id, None)
+        if uncertainty is not None and outputs.uncertainty is not None:
+            write_uncertainty(uncertainty, prepared.properties, prepared.reference, outputs.uncertainty)
+        return write_case(self.predictor, prepared, outputs, restored, full)
 
 
 def write_case(predictor: Predictor, prepared: PreparedCase, outputs: CaseOutputs, labels: np.ndarray,
                probabilities: np.ndarray | None) -> Path:
     """Write one case's label map (in its source's geometry and format) and, if asked, probabilities."""
     reference = prepared.reference
-    write_like(labels, reference, outputs.label)
+    if outputs.dicom_series is not None:
+        write_dicom_seg(reference.with_array(labels), outputs.dicom_series, predictor.model.label_info, outputs.label)
+    else:
+        write_like(labels, reference, outputs.label)
     if probabilities is not None and outputs.probabilities is not None and outputs.sidecar is not None:
         model = predictor.model
 

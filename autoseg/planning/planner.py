@@ -583,15 +583,17 @@ def explain_plan(plan: Plan, width: int = 110) -> str:
 
 
 def plan_dataset(dataset_dir: str | os.PathLike, work_dir: str | os.PathLike, n_jobs: int | None = None,
-                 force_fingerprint: bool = False, progress: bool = True, **kwargs: Any) -> Plan:
+                 force_fingerprint: bool = False, progress: bool = True, scheduler: str | None = None,
+                 **kwargs: Any) -> Plan:
     """Fingerprint (if missing or stale), plan, and write ``WORK/plan.json`` and ``WORK/dataset.json``.
 
     ``kwargs`` go to :func:`make_plan` (``gpu_memory_gb``, ``configurations``, ``arch``, ``preset``,
-    ``ct_priors``, ``time_budget_hours``, ``device``).
+    ``ct_priors``, ``time_budget_hours``, ``device``). ``scheduler`` fingerprints the cases on a
+    Dask cluster (:mod:`autoseg.cluster`).
     """
     dataset_dir, work_dir = Path(dataset_dir), Path(work_dir)
     fingerprint, reused = load_or_compute_fingerprint(dataset_dir, work_dir, n_jobs=n_jobs, force=force_fingerprint,
-                                                      progress=progress)
+                                                      progress=progress, scheduler=scheduler)
     dataset = load_dataset_json(dataset_dir)
     plan = make_plan(fingerprint, dataset, **kwargs)
     note = Decision(configuration="dataset", key="fingerprint", value="reused" if reused else "computed",
