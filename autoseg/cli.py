@@ -152,12 +152,10 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.planning import explain_plan, plan_dataset, verify_memory
-    from autoseg.validate import require_valid_dataset
     from autoseg.workdir import WorkDir
 
     work = WorkDir.for_dataset(args.dataset, args.work)
     device = _chosen_device(args.device)
-    require_valid_dataset(args.dataset, work.root, n_jobs=args.jobs or os.cpu_count() or 1)
     plan = plan_dataset(
         args.dataset, work.root,
         gpu_memory_gb=args.gpu_memory_gb,
@@ -370,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_validate)
 
-    p = _subcommand(sub, "make-example", "Generate a small, seeded example dataset (ct, mri or 2d).",
+    p = _subcommand(sub, "make-example", f"Generate a small, seeded example dataset ({', '.join(EXAMPLE_KIND_NAMES)}).",
                     "autoseg make-example data/example_ct --kind ct --num-cases 10")
     p.add_argument("dest", type=Path)
     p.add_argument("--kind", choices=EXAMPLE_KIND_NAMES, default="ct")

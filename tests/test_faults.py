@@ -35,6 +35,7 @@ from autoseg.fingerprint import compute_fingerprint
 from autoseg.io import Image, ImageReadError, read_image, write_image
 from autoseg.locks import LOCK_FILE, AutosegLockError, folder_lock
 from autoseg.model_archive import MANIFEST, ModelArchiveError, import_model
+from autoseg.planning import plan_dataset
 from autoseg.training import TrainOverrides, train
 from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.training.data import IncompletePreprocessingError, PreprocessedDataset
@@ -428,6 +429,9 @@ def test_plan_and_preprocess_refuse_what_validate_rejects(problem: str, make_dat
     assert not (tmp_path / "work" / "plan.json").exists()
     with pytest.raises(DatasetValidationError, match=expected):
         require_valid_dataset(dataset, tmp_path / "work")
+    with pytest.raises(DatasetValidationError, match=expected):  # from Python too
+        plan_dataset(dataset, tmp_path / "work_py", n_jobs=1, progress=False)
+    assert not (tmp_path / "work_py" / "plan.json").exists()
 
 
 def test_mixed_2d_and_3d_cases_are_refused(make_dataset, tmp_path: Path) -> None:

@@ -87,6 +87,7 @@ from autoseg.planning.heuristics import (
 )
 from autoseg.planning.probes import probe_seconds_per_iteration
 from autoseg.utils import atomic_write, sha256_of_json
+from autoseg.validate import require_valid_dataset
 
 # --- configurations -----------------------------------------------------------------------------------
 
@@ -584,14 +585,18 @@ def explain_plan(plan: Plan, width: int = 110) -> str:
 
 def plan_dataset(dataset_dir: str | os.PathLike, work_dir: str | os.PathLike, n_jobs: int | None = None,
                  force_fingerprint: bool = False, progress: bool = True, scheduler: str | None = None,
-                 **kwargs: Any) -> Plan:
+                 validate: bool = True, **kwargs: Any) -> Plan:
     """Fingerprint (if missing or stale), plan, and write ``WORK/plan.json`` and ``WORK/dataset.json``.
 
     ``kwargs`` go to :func:`make_plan` (``gpu_memory_gb``, ``configurations``, ``arch``, ``preset``,
     ``ct_priors``, ``time_budget_hours``, ``device``). ``scheduler`` fingerprints the cases on a
-    Dask cluster (:mod:`autoseg.cluster`).
+    Dask cluster (:mod:`autoseg.cluster`). ``validate`` first runs the checks of ``autoseg validate``
+    (:func:`autoseg.validate.require_valid_dataset`, cached by dataset hash): errors stop here with
+    every problem named, warnings are printed.
     """
     dataset_dir, work_dir = Path(dataset_dir), Path(work_dir)
+    if validate:
+        require_valid_dataset(dataset_dir, work_dir, n_jobs=n_jobs or os.cpu_count() or 1, progress=progress)
     fingerprint, reused = load_or_compute_fingerprint(dataset_dir, work_dir, n_jobs=n_jobs, force=force_fingerprint,
                                                       progress=progress, scheduler=scheduler)
     dataset = load_dataset_json(dataset_dir)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from autoseg.devices import resolve_device
 from autoseg.networks import build_network, estimate_training_memory
 from autoseg.plan import Configuration, Plan, PlanError
 from autoseg.planning.heuristics import GIB
@@ -35,7 +36,7 @@ def probe_seconds_per_iteration(configuration: Configuration, device: str = "cpu
     Returns:
         ``(seconds per iteration, timed steps)``.
     """
-    dev = torch.device(device)
+    dev = resolve_device(device)
     network = build_network(configuration.topology).to(dev)
     network.train()
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
@@ -96,7 +97,7 @@ def verify_memory(plan: Plan, configuration: str, device: str = "cuda") -> Memor
     before the network was built.
     """
     config = plan.configuration(configuration)
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise PlanError(f"--verify runs a training step on a CUDA GPU; device {device!r} is not one "
                         f"(CUDA available: {torch.cuda.is_available()})")

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from autoseg.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -44,7 +46,7 @@ def setup_distributed(device: str | torch.device = "cpu") -> DistributedContext:
 
     On CUDA each process uses ``cuda:<LOCAL_RANK>``.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistributedContext(0, 1, 0, device)

@@ -237,7 +237,7 @@ def train(
         fold: a fold number of ``splits.json`` (created on first use: 5 folds, or one per case
             with fewer cases), or ``"all"`` to train on every case (no held-out validation).
         overrides: schedule fields to change for this run.
-        device: ``cpu`` or ``cuda``; under torchrun each process uses ``cuda:<LOCAL_RANK>``.
+        device: ``auto`` (CUDA, MPS, else CPU), ``cpu``, ``cuda``; torchrun: ``cuda:<LOCAL_RANK>`` each.
         workers: data loading processes per training process; 0 loads in the main process
             (errors show their real traceback); None: every core, at most 12.
         resume: continue (or extend) the run in the fold folder from ``checkpoint_latest.pt``; a
