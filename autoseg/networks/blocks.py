@@ -193,3 +193,42 @@ class SegmentationNetwork(nn.Module):
         all_outputs = self.training and self.deep_supervision
         outputs = self.compute_outputs(x, all_outputs)
         return outputs if all_outputs else outputs[0]
+
+
+class NetworkWrapper(nn.Module):
+    """A module around a segmentation network that behaves like that network.
+
+    ``deep_supervision`` and ``output_strides`` read and write through to the wrapped network, and
+    any other attribute it has (e.g. ``set_pruned_depth``) is reachable on the wrapper. Subclasses
+    name the attribute that holds it (``wrapped``), which is also its state-dict prefix.
+    """
+
+    wrapped: str = "network"
+
+    @property
+    def inner(self) -> nn.Module:
+        return self._modules[self.wrapped]  # type: ignore[return-value]
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.inner.deep_supervision  # type: ignore[return-value]
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool) -> None:
+        self.inner.deep_supervision = bool(enabled)
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        self.deep_supervision = enabled
+
+    @property
+    def output_strides(self) -> list[tuple[int, ...]]:
+        return self.inner.output_strides  # type: ignore[return-value]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get(type(self).wrapped)
+            if inner is None:
+                raise
+            return getattr(inner, name)

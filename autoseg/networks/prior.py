@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.networks.blocks import conv_class, initialise_weights
+from autoseg.networks.blocks import NetworkWrapper, conv_class, initialise_weights
 from autoseg.plan import Topology
 
 PRIOR_OPTION = "anatomical_prior"
@@ -145,7 +145,7 @@ class PriorNetwork(nn.Module):
         return self.head(self.body(x))
 
 
-class AnatomicalPriorNetwork(nn.Module):
+class AnatomicalPriorNetwork(NetworkWrapper):
     """Any segmentation network fused with a :class:`PriorNetwork` (see the module docstring).
 
     Behaves like the wrapped network: same outputs (fused logits, a list in training mode with deep
@@ -165,30 +165,6 @@ class AnatomicalPriorNetwork(nn.Module):
         self.prior_loss_weight = settings.loss_weight
         # training mode: the last forward's prior logits, for the prior's own loss term
         self.prior_logits: torch.Tensor | None = None
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.network.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        self.network.deep_supervision = bool(enabled)
-
-    def set_deep_supervision(self, enabled: bool) -> None:
-        self.deep_supervision = enabled
-
-    @property
-    def output_strides(self) -> list[tuple[int, ...]]:
-        return self.network.output_strides
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            network = self.__dict__.get("_modules", {}).get("network")
-            if network is None:
-                raise
-            return getattr(network, name)
 
     def log_prior(self, prior_logits: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """``max(log sigmoid(prior), log floor)`` interpolated to ``size`` (linear, so no blocky steps)."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from autoseg.networks.blocks import ConvNormAct, ConvStack, initialise_weights, layer_options
+from autoseg.networks.blocks import ConvNormAct, ConvStack, NetworkWrapper, initialise_weights, layer_options
 from autoseg.networks.sizes import check_input_size
 from autoseg.plan import Topology
 
@@ -92,42 +92,20 @@ def build_stem(topology: Topology) -> nn.Module | None:
     return stem
 
 
-class StemmedNetwork(nn.Module):
+class StemmedNetwork(NetworkWrapper):
     """A stem followed by an architecture; behaves like the architecture itself.
 
     ``deep_supervision`` and ``output_strides`` read and write through to the body, and any
     other attribute the body has (e.g. ``set_pruned_depth``) is reachable on the wrapper.
     """
 
+    wrapped = "body"
+
     def __init__(self, topology: Topology, stem: nn.Module, body: nn.Module):
         super().__init__()
         self.topology = topology
         self.stem = stem
         self.body = body
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.body.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        self.body.deep_supervision = bool(enabled)
-
-    def set_deep_supervision(self, enabled: bool) -> None:
-        self.deep_supervision = enabled
-
-    @property
-    def output_strides(self) -> list[tuple[int, ...]]:
-        return self.body.output_strides
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            body = self.__dict__.get("_modules", {}).get("body")
-            if body is None:
-                raise
-            return getattr(body, name)
 
     def forward(self, x: torch.Tensor):
         check_input_size(self.topology, x.shape)
