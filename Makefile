@@ -65,4 +65,4 @@ gpu-check: install
 	$(BIN)/python tests/benchmarks/gpu_check.py --output gpu_check.json
 
 clean:
-	rm -rf $(DEMO_DIR) autoseg_work .pytest_cache
+	rm -rf $(DEMO_DIR) autoseg_work .pytest_cache gpu_check.json
