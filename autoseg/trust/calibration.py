@@ -21,7 +21,6 @@ cross-validation predictions.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from scipy.optimize import minimize_scalar
 
 from autoseg.errors import AutosegError
 from autoseg.labels import Activation
-from autoseg.utils import atomic_write_text, read_model_file, validate_model
+from autoseg.utils import atomic_write_json, read_model_file, validate_model
 
 __all__ = ["CALIBRATION_FILE", "Calibration", "CalibrationError", "apply_temperature", "expected_calibration_error",
            "fit_temperature", "load_calibration", "negative_log_likelihood", "save_calibration"]
@@ -85,7 +84,7 @@ _ADAPTER = TypeAdapter(Calibration)
 
 def save_calibration(calibration: Calibration, path: str | os.PathLike) -> Path:
     """Write ``calibration.json`` atomically (``path`` is the file)."""
-    return atomic_write_text(path, json.dumps(_ADAPTER.dump_python(calibration, mode="json"), indent=2) + "\n")
+    return atomic_write_json(path, _ADAPTER.dump_python(calibration, mode="json"))
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:

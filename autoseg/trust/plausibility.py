@@ -27,7 +27,6 @@ The thresholds are named constants below; each flag's reason states the value an
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from autoseg.case_properties import CaseProperties, load_case_properties
 from autoseg.errors import AutosegError
 from autoseg.labels import LabelInfo, label_mask
 from autoseg.trust.summary import Flag
-from autoseg.utils import atomic_write_text, read_model_file, validate_model
+from autoseg.utils import atomic_write_json, read_model_file, validate_model
 
 __all__ = ["REFERENCE_STATS_FILE", "CaseMeasurements", "ClassReference", "ReferenceStats", "ReferenceStatsError",
            "intensity_histogram", "load_reference_stats", "measure_case", "plausibility_flags",
@@ -108,7 +107,7 @@ _ADAPTER = TypeAdapter(ReferenceStats)
 
 def save_reference_stats(stats: ReferenceStats, path: str | os.PathLike) -> Path:
     """Write ``reference_stats.json`` atomically (``path`` is the file)."""
-    return atomic_write_text(path, json.dumps(_ADAPTER.dump_python(stats, mode="json"), indent=2) + "\n")
+    return atomic_write_json(path, _ADAPTER.dump_python(stats, mode="json"))
 
 
 def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:

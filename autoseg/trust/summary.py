@@ -7,7 +7,6 @@ one reason to look at a case, in one line a reader can act on; a case with any f
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from pydantic import ConfigDict, TypeAdapter
 from pydantic.dataclasses import dataclass
 
 from autoseg.errors import AutosegError
-from autoseg.utils import atomic_write_text, read_model_file, validate_model
+from autoseg.utils import atomic_write_json, read_model_file, validate_model
 
 __all__ = ["SUMMARY_FILE", "CaseSummary", "ClassSummary", "Flag", "PredictionSummary", "SummaryError",
            "flagged_lines", "load_summary", "save_summary"]
@@ -97,7 +96,7 @@ _ADAPTER = TypeAdapter(PredictionSummary)
 
 def save_summary(summary: PredictionSummary, path: str | os.PathLike) -> Path:
     """Write ``summary.json`` atomically (``path`` is the file)."""
-    return atomic_write_text(path, json.dumps(_ADAPTER.dump_python(summary, mode="json"), indent=2) + "\n")
+    return atomic_write_json(path, _ADAPTER.dump_python(summary, mode="json"))
 
 
 def load_summary(path: str | os.PathLike) -> PredictionSummary:
