@@ -68,17 +68,19 @@ class CaseMembers:
         w = weights.float()
         channel_axes = [0, *range(2, copies[0].ndim)]  # all but K
         squares = sum(torch.sum(c.float() ** 2 * w, dim=channel_axes) for c in copies)
-        summed = torch.stack([c.float() for c in copies]).sum(0)
+        summed = sum(c.float() for c in copies)
         totals = torch.sum(summed ** 2 * w, dim=channel_axes)
-        squares, totals = squares.double().cpu(), totals.double().cpu()
+        # kept where the tiles are (float32: MPS has no float64), so no device sync per tile batch;
+        # read once per fold
         self._squares = squares if self._squares is None else self._squares + squares
         self._totals = totals if self._totals is None else self._totals + totals
         self._copies = len(copies)
 
     def fold(self, probabilities: torch.Tensor) -> None:
         if self._copies > 1 and self._squares is not None and self._totals is not None:
-            cross = self._totals - self._squares  # sum over pairs i != j of <p_i, p_j>
-            denominator = (self._copies - 1) * self._squares
+            squares, totals = self._squares.double().cpu(), self._totals.double().cpu()
+            cross = totals - squares  # sum over pairs i != j of <p_i, p_j>
+            denominator = (self._copies - 1) * squares
             values = torch.where(denominator > 1e-12, cross / denominator.clamp_min(1e-12),
                                  torch.ones_like(cross))
             self._mirror_agreements.append([float(min(1.0, max(0.0, v))) for v in values])
