@@ -108,8 +108,13 @@ def ct_case(rng: np.random.Generator, index: int) -> ExampleCase:
     n_lesions = 0 if index % 4 == 2 else int(rng.integers(1, 4))
     # Depth below the liver surface (mm) places lesions mostly inside the liver, not across its edge.
     depth = ndimage.distance_transform_edt(liver, sampling=spacing) if n_lesions else None
-    # Lesions of one patient look alike (one primary): all darker or, less often, all brighter.
-    lesion_hu = liver_hu + rng.uniform(30, 50) * (1.0 if rng.uniform() < 0.25 else -1.0)
+    # Lesions of one patient look alike (one primary): all darker or, less often (every fourth
+    # case), all brighter. Like the lesion-free cases this follows the index, not a draw, so any
+    # four consecutive cases hold every kind: a random draw had put one bright case among the
+    # first eight and two among the next two, a split no model can be expected to generalise.
+    contrast = rng.uniform(30, 50)
+    rng.uniform()  # the draw that used to decide it, kept so that every other voxel stays the same
+    lesion_hu = liver_hu + contrast * (1.0 if index % 4 == 0 else -1.0)
     for _ in range(n_lesions):
         _add_lesion(rng, axes, liver, depth, label, hu, lesion_hu, half_width)
 
