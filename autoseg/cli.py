@@ -168,7 +168,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         n_jobs=args.jobs,
         scheduler=_scheduler(args),
     )
-    print(f"wrote {work.plan}: configurations {', '.join(plan.configurations)}")
+    print(f"wrote {work.plan}: configurations {', '.join(plan.configurations)} (recommended: "
+          f"{plan.recommended_configuration})")
     if args.explain:
         print(explain_plan(plan))
     if args.verify:
@@ -188,6 +189,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from autoseg.plan import load_plan
     from autoseg.training import TrainOverrides, train
     from autoseg.training.budget import parse_duration
 
@@ -202,7 +204,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     fold: int | str = args.fold if args.fold == "all" else int(args.fold)
-    folder = train(args.work, args.configuration, fold, overrides=overrides, device=_chosen_device(args.device),
+    configuration = args.configuration
+    if configuration is None:
+        configuration = load_plan(args.work).recommended()
+        print(f"configuration {configuration}: the plan's recommended one (`autoseg plan --explain` says why)")
+    folder = train(args.work, configuration, fold, overrides=overrides, device=_chosen_device(args.device),
                    workers=args.workers, resume=args.resume, pretrained=args.pretrained,
                    precision=args.precision, compile_network=args.compile,
                    time_budget=parse_duration(args.time_budget) if args.time_budget else None)
@@ -428,11 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "train", "Train one fold (or all cases) of a configuration; resumable and extendable.",
                     "autoseg train work/ct -c 3d_fullres -f 0\n"
+                    "autoseg train work/ct -f all --time-budget 20m   # the plan's recommended configuration\n"
                     "autoseg train work/ct -c 3d_fullres -f 0 --resume --epochs 1500\n"
                     "autoseg train work/ct -c 3d_cascade_fullres -f 0   # after every 3d_lowres fold\n"
                     "torchrun --nproc_per_node 2 -m autoseg.cli train work/ct -c 3d_fullres -f 0")
     p.add_argument("work", type=Path)
-    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-c", "--configuration", default=None,
+                   help="default: the plan's recommended_configuration (see `autoseg plan --explain`)")
     p.add_argument("-f", "--fold", required=True, help="fold number, or 'all' to train on every case")
     _device_argument(p)
     p.add_argument("--epochs", type=int, default=None)
@@ -460,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="work folder or imported model folder")
     p.add_argument("-i", "--input", type=Path, required=True)
     p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("-c", "--configuration", default=None)
+    p.add_argument("-c", "--configuration", default=None,
+                   help="default: the plan's recommended configuration if trained, else 3d_fullres, else the only one")
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained)")
     _device_argument(p)
     p.add_argument("--runtime", default="torch", choices=RUNTIME_NAMES,

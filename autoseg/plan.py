@@ -268,6 +268,8 @@ class Plan:
     fingerprint_hash: str = ""
     decisions: tuple[Decision, ...] = ()
     schema_version: int = SCHEMA_VERSION
+    # what `train` and `predict` use when no configuration is named; "" in plans written before it
+    recommended_configuration: str = ""
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -275,6 +277,9 @@ class Plan:
                              f"{SCHEMA_VERSION}); re-run `autoseg plan`")
         if not self.configurations:
             raise ValueError("a plan needs at least one configuration")
+        if self.recommended_configuration and self.recommended_configuration not in self.configurations:
+            raise ValueError(f"recommended_configuration {self.recommended_configuration!r} is not one of the "
+                             f"plan's configurations ({', '.join(self.configurations)})")
         for key, configuration in self.configurations.items():
             if key != configuration.name:
                 raise ValueError(f"configurations[{key!r}] is named {configuration.name!r}")
@@ -308,6 +313,17 @@ class Plan:
         if differing:
             raise ValueError(f"configuration {key!r} shares the preprocessed data of {source.name!r} but its "
                              f"{', '.join(differing)} differ(s)")
+
+    def recommended(self) -> str:
+        """The configuration to use when none is named (``recommended_configuration``).
+
+        Raises:
+            PlanError: the plan names none (written by an older autoseg); the message lists the choices.
+        """
+        if not self.recommended_configuration:
+            raise PlanError(f"the plan recommends no configuration (re-run `autoseg plan`, or choose one with -c: "
+                            f"{', '.join(self.configurations)})")
+        return self.recommended_configuration
 
     def configuration(self, name: str) -> Configuration:
         """A configuration by name; the error lists the ones the plan has."""

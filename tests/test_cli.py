@@ -163,3 +163,36 @@ def test_help_imports_no_heavy_module() -> None:
               "print(sorted(m for m in ('numpy', 'torch', 'scipy', 'pydantic') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# --- the plan's recommended configuration -----------------------------------------------------------
+
+
+def test_train_and_predict_without_c_use_the_plans_recommendation(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from test_training_support import cube_cases, make_work, tiny_plan
+
+    from autoseg.inference.model import resolve_configuration
+
+    work = make_work(tmp_path / "work", tiny_plan(epochs=1, iterations_per_epoch=1), cube_cases(3))
+    code, err = run_cli(["train", str(work), "-f", "0", "--workers", "0"], capsys)  # an older plan: none named
+    assert code == 1 and "the plan recommends no configuration" in err and "choose one with -c: 3d_fullres" in err
+    plan.save_plan(dataclasses.replace(plan.load_plan(work), recommended_configuration="3d_fullres"),
+                   work / "plan.json")
+    code = main(["train", str(work), "-f", "0", "--workers", "0"])
+    assert code == 0
+    assert "configuration 3d_fullres: the plan's recommended one" in capsys.readouterr().out
+    assert (work / "models" / "3d_fullres" / "fold_0" / "checkpoint_latest.pt").is_file()
+    # predict: the recommended configuration wins over 3d_fullres when both are trained
+    two = tiny_plan(name="2d", dim=2, patch=(16, 16))
+    both = dataclasses.replace(plan.load_plan(work), recommended_configuration="2d",
+                               configurations={**plan.load_plan(work).configurations, **two.configurations})
+    for name in ("2d", "3d_fullres"):
+        fold = tmp_path / "model" / "models" / name / "fold_0"
+        fold.mkdir(parents=True)
+        (fold / "checkpoint_latest.pt").write_bytes(b"")
+    assert resolve_configuration(tmp_path / "model", both, None) == "2d"
+    assert resolve_configuration(tmp_path / "model", dataclasses.replace(both, recommended_configuration=""),
+                                 None) == "3d_fullres"

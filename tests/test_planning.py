@@ -400,3 +400,34 @@ def test_rare_classes_get_cross_entropy_weight_and_foreground_oversampling(examp
 def test_cross_entropy_class_weights_are_capped_and_skip_absent_classes():
     assert cross_entropy_class_weights([10 ** 8, 10 ** 8, 1, 0]) == (1.0, 1.0, MAX_CLASS_WEIGHT, 1.0)
     assert cross_entropy_class_weights([400, 100]) == (1.0, 2.0)
+
+
+def test_recommended_configuration_follows_the_preset_and_the_voxels(examples):
+    """3d_fullres by default; 2d for the cpu preset on thick slices; the only one when one is planned."""
+    import doctest
+
+    from autoseg.planning import heuristics
+
+    assert doctest.testmod(heuristics).failed == 0  # the examples in recommended_configuration's docstring
+    assert plan_for(examples, "ct").recommended_configuration == "3d_fullres"
+    cpu = plan_for(examples, "ct", preset="cpu")
+    assert cpu.recommended_configuration == "2d"  # the example CT's slices are > 3x thicker than its pixels
+    decision = next(d for d in cpu.decisions if d.key == "recommended_configuration")
+    assert decision.value == "2d" and "anisotropic" in decision.reason
+    assert plan_for(examples, "mri", preset="cpu").recommended_configuration == "3d_fullres"  # isotropic
+    assert plan_for(examples, "2d").recommended_configuration == "2d"
+    assert plan_for(examples, "ct", preset="cpu", configurations=["3d_fullres"]).recommended() == "3d_fullres"
+
+
+def test_recommended_configuration_is_checked_and_old_plans_still_load(examples, tmp_path):
+    path = save_plan(plan_for(examples, "ct"), tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    data["recommended_configuration"] = "3d_huge"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="recommended_configuration '3d_huge' is not one of"):
+        load_plan(path)
+    del data["recommended_configuration"]  # a plan written before the field existed
+    path.write_text(json.dumps(data))
+    old = load_plan(path)
+    with pytest.raises(PlanError, match="recommends no configuration.*choose one with -c: 2d, 3d_fullres"):
+        old.recommended()

@@ -172,6 +172,8 @@ def resolve_configuration(model_dir: Path, plan: Plan, configuration: str | None
         wanted = "checkpoint_*.pt" if runtime == "torch" else NETWORK_FILES[runtime]
         raise PredictionError(f"{model_dir}: no trained model (no models/<configuration>/fold_<k>/{wanted})"
                               + (_runtime_hint(model_dir, runtime) or "; train one or import a model zip"))
+    if plan.recommended_configuration in trained:
+        return plan.recommended_configuration
     if "3d_fullres" in trained:
         return "3d_fullres"
     if len(trained) == 1:

@@ -82,6 +82,7 @@ from autoseg.planning.heuristics import (
     fullres_target_spacing,
     memory_budget_bytes,
     normalization_for_channel,
+    recommended_configuration,
     resampled_shapes,
     unet_feature_map_proxy,
 )
@@ -498,7 +499,10 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
         planned = {name: _apply_time_budget(ctx, c, time_budget_hours, device, probe_max_seconds)
                    for name, c in planned.items()}
     order = [n for n in CONFIGURATION_NAMES if n in planned]
-    return Plan(dataset_name=fingerprint.dataset_name, channel_names=tuple(names), labels=dict(dataset.labels),
+    recommended, why = recommended_configuration(order, None if fingerprint.is_2d else target, preset)
+    ctx.note("dataset", "recommended_configuration", recommended,
+             f"{why}; `train` and `predict` use it when no -c is given")
+    return Plan(recommended_configuration=recommended,dataset_name=fingerprint.dataset_name, channel_names=tuple(names), labels=dict(dataset.labels),
                 configurations={n: planned[n] for n in order}, is_2d=fingerprint.is_2d,
                 regions_class_order=dataset.regions_class_order, gpu_memory_gb=gpu_memory_gb,
                 fingerprint_hash=sha256_of_json(fingerprint_to_dict(fingerprint)), decisions=tuple(ctx.decisions))

@@ -36,8 +36,10 @@ repeats so that a change of machine load does not favour one side):
 8. **time to Dice** (``--phases time_to_dice``; not in the default run, it trains each side for the
    whole budget): how good a model each framework gives after the same wall-clock training budget
    (``--time-budget-minutes``, default 20), each with its own default plan and schedule, in its own
-   folder (``time_to_dice/``). autoseg plans ``3d_fullres`` with ``--preset cpu`` on the CPU (its plan
-   for machines without a GPU; no preset on CUDA) and trains with ``autoseg train --time-budget``.
+   folder (``time_to_dice/``). autoseg plans with ``--preset cpu`` on the CPU (its plan for machines
+   without a GPU; no preset on CUDA), preprocesses every configuration and trains the plan's
+   recommended one (no ``-c``; 2d for the example CT on the CPU, 3d_fullres on CUDA) with
+   ``autoseg train --time-budget``.
    nnU-Net plans ``3d_fullres`` with its defaults and trains with its default schedule (250
    iterations per epoch, poly LR) driven step by step; nnU-Net has no time budget, so the clock is
    read before every iteration and the run stops at the budget, and its ``num_epochs`` (for which
@@ -336,8 +338,11 @@ def ordered(repeat: int) -> tuple[str, str]:
 
 
 def plan_side(run: Run, side: str, log: Path, nnunet_options: Sequence[str] = (),
-              autoseg_options: Sequence[str] = ()) -> Measured:
-    """Plan and preprocess ``3d_fullres`` from scratch on one side, into ``run``'s folders."""
+              autoseg_options: Sequence[str] = (), autoseg_configurations: bool = False) -> Measured:
+    """Plan and preprocess ``3d_fullres`` from scratch on one side, into ``run``'s folders.
+
+    ``autoseg_configurations``: autoseg plans and preprocesses every configuration of its defaults.
+    """
     jobs = str(run.args.jobs)
     if side == "nnunet":
         shutil.rmtree(run.nnunet_preprocessed, ignore_errors=True)
@@ -346,7 +351,8 @@ def plan_side(run: Run, side: str, log: Path, nnunet_options: Sequence[str] = ()
         return check(run_measured(command, env=run.env(), log_path=log), "nnUNetv2_plan_and_preprocess", log)
     shutil.rmtree(run.work, ignore_errors=True)
     cli = f"{sys.executable} -m autoseg.cli"
-    script = (f"{cli} plan {run.dataset} --work {run.work} --configurations {CONFIGURATION} "
+    only = "" if autoseg_configurations else f"--configurations {CONFIGURATION} "
+    script = (f"{cli} plan {run.dataset} --work {run.work} {only}"
               f"{' '.join(autoseg_options)} -j {jobs} && {cli} preprocess {run.work} -j {jobs}")
     return check(run_measured(["bash", "-c", script], env=autoseg_env(), log_path=log),
                  "autoseg plan + preprocess", log)
@@ -491,7 +497,8 @@ def phase_train(run: Run) -> None:
     run.results["train"] = out
 
 
-def predict_side(run: Run, side: str, target: Path, tta: bool, log: Path) -> Measured:
+def predict_side(run: Run, side: str, target: Path, tta: bool, log: Path,
+                 autoseg_configuration: str = CONFIGURATION) -> Measured:
     """Predict the test images into ``target`` with one side's model of fold ``all`` (its last checkpoint)."""
     shutil.rmtree(target, ignore_errors=True)
     if side == "nnunet":
@@ -502,7 +509,7 @@ def predict_side(run: Run, side: str, target: Path, tta: bool, log: Path) -> Mea
         measured = check(run_measured(command, env=run.env(), log_path=log), "nnUNetv2_predict", log)
     else:
         command = [sys.executable, "-m", "autoseg.cli", "predict", str(run.work), "-i", str(run.test_images),
-                   "-o", str(target), "-c", CONFIGURATION, "-f", "all", "--device", run.args.device,
+                   "-o", str(target), "-c", autoseg_configuration, "-f", "all", "--device", run.args.device,
                    "--checkpoint", "latest", "--overwrite", *([] if tta else ["--no-tta"])]
         measured = check(run_measured(command, env=autoseg_env(), log_path=log), "autoseg predict", log)
     cases, written = count_cases(run.test_images, run.file_ending), count_cases_labels(target, run.file_ending)
@@ -585,14 +592,15 @@ def phase_time_to_dice(run: Run) -> None:
     run.results["time_to_dice"] = out  # filled as it goes: what was measured survives a later failure
     sides = ordered(0)
     for side in sides:
-        measured = plan_side(sub, side, sub.log(f"{side}_plan"), autoseg_options=preset)
+        measured = plan_side(sub, side, sub.log(f"{side}_plan"), autoseg_options=preset, autoseg_configurations=True)
         out[side] = {"plan_preprocess_seconds": round(measured.seconds, 1)}
-    theirs, ours = nnunet_plans(sub), load_plan(sub.work).configuration(CONFIGURATION)
+    ours_name = load_plan(sub.work).recommended()
+    theirs, ours = nnunet_plans(sub), load_plan(sub.work).configuration(ours_name)
     out["nnunet"]["plan"] = {"command": f"nnUNetv2_plan_and_preprocess -c {CONFIGURATION} ({NNUNET_PLANS}, its "
                                         "defaults)", "patch_size": theirs["patch_size"],
                              "batch_size": theirs["batch_size"],
                              "features_per_stage": theirs["architecture"]["arch_kwargs"]["features_per_stage"]}
-    out["autoseg"]["plan"] = {"command": " ".join(["autoseg plan --configurations", CONFIGURATION, *preset]),
+    out["autoseg"]["plan"] = {"command": " ".join(["autoseg plan", *preset]), "configuration": ours_name,
                               "patch_size": list(ours.patch_size), "batch_size": ours.batch_size,
                               "features_per_stage": list(ours.topology.features_per_stage)}
     for side in sides:
@@ -605,9 +613,9 @@ def phase_time_to_dice(run: Run) -> None:
                                      "iterations_per_epoch": result["iterations_per_epoch"],
                                      "stopped_by_budget": result["stopped_by_budget"]}
         else:
-            fold = WorkDir(sub.work).fold(CONFIGURATION, "all")
+            fold = WorkDir(sub.work).fold(ours_name, "all")
             shutil.rmtree(fold, ignore_errors=True)
-            command = [sys.executable, "-m", "autoseg.cli", "train", str(sub.work), "-c", CONFIGURATION, "-f", "all",
+            command = [sys.executable, "-m", "autoseg.cli", "train", str(sub.work), "-f", "all",  # recommended
                        "--device", run.args.device, "--workers", str(run.workers), "--time-budget", f"{budget:g}s"]
             measured = check(run_measured(command, env={**autoseg_env(), **threads}, log_path=log),
                              "autoseg train --time-budget", log)
@@ -619,7 +627,7 @@ def phase_time_to_dice(run: Run) -> None:
               f"{measured.seconds:.0f} s (budget {budget:.0f} s)", flush=True)
     for side in sides:
         folder = sub.root / "predictions" / side
-        measured = predict_side(sub, side, folder, True, sub.log(f"{side}_predict"))
+        measured = predict_side(sub, side, folder, True, sub.log(f"{side}_predict"), autoseg_configuration=ours_name)
         out[side].update(score(sub, folder), predict_seconds=round(measured.seconds, 1))
         print(f"[time to Dice] {side}: mean test Dice {out[side]['mean_dice']}, {out[side]['per_label']}", flush=True)
 
