@@ -186,9 +186,9 @@ def test_train_and_predict_without_c_use_the_plans_recommendation(tmp_path: Path
     assert "configuration 3d_fullres: the plan's recommended one" in capsys.readouterr().out
     assert (work / "models" / "3d_fullres" / "fold_0" / "checkpoint_latest.pt").is_file()
     # predict: the recommended configuration wins over 3d_fullres when both are trained
-    two = tiny_plan(name="2d", dim=2, patch=(16, 16))
-    both = dataclasses.replace(plan.load_plan(work), recommended_configuration="2d",
-                               configurations={**plan.load_plan(work).configurations, **two.configurations})
+    trained = plan.load_plan(work)
+    both = dataclasses.replace(trained, recommended_configuration="2d", configurations={
+        **trained.configurations, **tiny_plan(name="2d", dim=2, patch=(16, 16)).configurations})
     for name in ("2d", "3d_fullres"):
         fold = tmp_path / "model" / "models" / name / "fold_0"
         fold.mkdir(parents=True)

@@ -594,8 +594,9 @@ def phase_time_to_dice(run: Run) -> None:
     for side in sides:
         measured = plan_side(sub, side, sub.log(f"{side}_plan"), autoseg_options=preset, autoseg_configurations=True)
         out[side] = {"plan_preprocess_seconds": round(measured.seconds, 1)}
-    ours_name = load_plan(sub.work).recommended()
-    theirs, ours = nnunet_plans(sub), load_plan(sub.work).configuration(ours_name)
+    plan = load_plan(sub.work)
+    ours_name = plan.recommended()
+    theirs, ours = nnunet_plans(sub), plan.configuration(ours_name)
     out["nnunet"]["plan"] = {"command": f"nnUNetv2_plan_and_preprocess -c {CONFIGURATION} ({NNUNET_PLANS}, its "
                                         "defaults)", "patch_size": theirs["patch_size"],
                              "batch_size": theirs["batch_size"],
