@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import TypeAdapter
 
 from autoseg.networks import available_networks, build_network, estimate_training_memory
-from autoseg.networks.memory import MemoryEstimate
+from autoseg.networks.memory import MemoryEstimate, _trace
 from autoseg.plan import ChannelNormalization, Configuration, Topology
 
 LOWER, UPPER = 0.90, 1.25
@@ -233,3 +233,36 @@ def test_estimating_leaves_the_random_state_alone() -> None:
     estimate_training_memory(topo, (48, 48), 2, arch="resenc")
     built = build_network(topo).state_dict()
     assert all(torch.equal(expected[k], built[k]) for k in expected)
+
+
+TRACE_OPTIONS = ({}, {"norm": "batch"}, {"norm": "none"}, {"fusion": "per_channel", "multiscale_stem": True},
+                 {"anatomical_prior": True})
+
+
+@pytest.mark.parametrize("options", TRACE_OPTIONS, ids=lambda o: ",".join(o) or "default")
+@pytest.mark.parametrize("arch", available_networks())
+def test_meta_trace_saves_what_a_real_forward_saves(arch: str, options: dict) -> None:
+    # the meta trace answers some ops with shape-only stand-ins (no torch._dynamo import); autograd
+    # must still keep exactly the tensors a real forward on the CPU keeps
+    for dim, patch in ((2, (32, 32)), (3, (8, 16, 16))):
+        topo = dataclasses.replace(topology(dim, (4, 8, 16), anisotropic=dim == 3, **options), arch=arch,
+                                   in_channels=2)
+        assert _trace(topo, patch, "meta") == _trace(topo, patch, "cpu"), f"{arch} {dim}D {options}"
+
+
+def test_estimating_every_network_leaves_torch_dynamo_unimported() -> None:
+    # torch._dynamo takes about 2 s to import; the planner estimates memory on every `autoseg plan`
+    script = (
+        "import sys, dataclasses\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_network_memory import TRACE_OPTIONS, topology\n"
+        "from autoseg.networks import available_networks, estimate_training_memory\n"
+        "for arch in available_networks():\n"
+        "    for options in TRACE_OPTIONS:\n"
+        "        for dim, patch in ((2, (64, 64)), (3, (16, 32, 32))):\n"
+        "            topo = dataclasses.replace(topology(dim, (8, 16, 32), **options), arch=arch)\n"
+        "            estimate_training_memory(topo, patch, 2)\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False", "a network op fell back to torch's Python meta kernels"

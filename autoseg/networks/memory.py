@@ -35,13 +35,17 @@ fragmentation of the caching allocator is folded into the context constant.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import TypeAdapter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoseg.networks.build import build_network, resolve_topology
 from autoseg.networks.sizes import check_input_size
@@ -111,12 +115,90 @@ class _Trace:
     largest_spatial_elements: int
 
 
-def _trace(topology: Topology, patch_size: tuple[int, ...]) -> _Trace:
-    key = json.dumps([_TOPOLOGY_ADAPTER.dump_python(topology, mode="json"), patch_size], sort_keys=True)
+def _elementwise(*args: Any, **kwargs: Any) -> torch.Tensor:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return tensors[0].new_empty(shape)
+
+
+def _in_place(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
+
+
+def _cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return tensors[0].new_empty(shape)
+
+
+def _batch_norm(x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+
+def _group_norm(x: torch.Tensor, weight: Any, bias: Any, n: int, c: int, hw: int, groups: int,
+                eps: float) -> tuple[torch.Tensor, ...]:
+    return torch.empty_like(x), x.new_empty((n, groups)), x.new_empty((n, groups))
+
+
+def _log_sigmoid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)  # the CPU kernel keeps a buffer as large as x
+
+
+def _upsample(x: torch.Tensor, output_size: Sequence[int] | None, *args: Any) -> torch.Tensor:
+    scales = [a for a in args if isinstance(a, (list, tuple))]
+    if not output_size:
+        output_size = [math.floor(n * s) for n, s in zip(x.shape[2:], scales[0])]
+    return x.new_empty((*x.shape[:2], *output_size))
+
+
+_aten = torch.ops.aten
+# Output shapes of the ops whose meta kernels are Python decompositions (``torch._refs``): the first
+# of those calls imports torch._dynamo, about 2 s of every ``autoseg plan``. Any other op keeps
+# torch's own meta kernel, so a network using one is still estimated, only more slowly.
+_SHAPE_RULES: dict[Any, Callable[..., Any]] = {
+    **{op: _elementwise for op in (_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor,
+                                   _aten.relu.default, _aten.leaky_relu.default, _aten.clamp_min.default,
+                                   _aten._prelu_kernel.default, _aten.gelu.default)},
+    **{op: _in_place for op in (_aten.add_.Tensor, _aten.mul_.Tensor, _aten.relu_.default,
+                                _aten.leaky_relu_.default, _aten.normal_.default)},  # normal_: weight init
+    _aten.cat.default: _cat,
+    _aten.native_batch_norm.default: _batch_norm,
+    _aten.native_group_norm.default: _group_norm,
+    _aten.log_sigmoid_forward.default: _log_sigmoid,
+    **{op: _upsample for op in (_aten.upsample_bilinear2d.default, _aten.upsample_bilinear2d.vec,
+                                _aten.upsample_trilinear3d.default, _aten.upsample_trilinear3d.vec)},
+}
+
+
+class _ShapesOnly(TorchDispatchMode):
+    """On meta tensors, answers the ops of :data:`_SHAPE_RULES` with empty tensors of the right shape.
+
+    It works below autograd, so autograd still saves exactly the tensors the real kernels would;
+    ``tests/test_network_memory.py`` checks the meta trace against a real one on the CPU.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in dynamo.disable, whose first call imports
+        # torch._dynamo; this mode only ever runs eagerly, in the trace below
+        return False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        rule = _SHAPE_RULES.get(func)
+        if rule is None:
+            return func(*args, **(kwargs or {}))
+        return rule(*args, **(kwargs or {}))
+
+
+def _trace(topology: Topology, patch_size: tuple[int, ...], device: str = "meta") -> _Trace:
+    """Record one training forward at batch 1 on ``device``: ``meta`` for the estimate, ``cpu`` for
+    tests that compare the meta trace with a real one (small patches only)."""
+    key = json.dumps([_TOPOLOGY_ADAPTER.dump_python(topology, mode="json"), patch_size, device], sort_keys=True)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    with torch.device("meta"):
+    shapes_only = _ShapesOnly if device == "meta" else contextlib.nullcontext
+    with torch.device(device), shapes_only():
         net = build_network(topology)
         x = torch.empty((1, topology.in_channels, *patch_size))
     net.train()
@@ -132,7 +214,7 @@ def _trace(topology: Topology, patch_size: tuple[int, ...]) -> _Trace:
                                      else storage.nbytes(), is_spatial)
         return tensor
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), shapes_only():
         outputs = net(x)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     output_elements = 0
