@@ -53,7 +53,7 @@ from pydantic.dataclasses import dataclass
 from scipy import ndimage
 from tqdm import tqdm
 
-from autoseg.cluster import case_runner, connect
+from autoseg.cluster import connect, run_cases
 from autoseg.dataset import (
     DATASET_JSON,
     CaseFiles,
@@ -485,13 +485,10 @@ def compute_fingerprint(dataset_dir: str | os.PathLike, n_jobs: int | None = Non
     ignore = dataset.ignore_label
     fingerprints, samples = [], []
     with connect(scheduler) as client:
-        if n_jobs == 1 and client is None:
-            results = (analyze_case(case, samples_per_case, SEED, ignore) for case in cases)
-        else:
-            # a cluster's workers are not this command's children: they live on (the cluster ends them)
-            main_pid = None if client is not None else os.getpid()
-            results = case_runner(n_jobs, on_cluster=client is not None)(
-                delayed(_analyze_in_worker)(case, samples_per_case, SEED, ignore, main_pid) for case in cases)
+        # a cluster's workers are not this command's children: they live on (the cluster ends them)
+        main_pid = None if client is not None else os.getpid()
+        results = run_cases((delayed(_analyze_in_worker)(case, samples_per_case, SEED, ignore, main_pid)
+                             for case in cases), n_jobs, on_cluster=client is not None)
         for fingerprint, case_samples in tqdm(results, total=len(cases), desc="fingerprint", unit="case",
                                               disable=not progress):
             fingerprints.append(fingerprint)

@@ -69,7 +69,7 @@ from autoseg.case_properties import (
     load_case_properties,
     save_case_properties,
 )
-from autoseg.cluster import case_runner, connect
+from autoseg.cluster import connect, run_cases
 from autoseg.dataset import CaseData, CaseFiles, DatasetError, load_case, training_cases
 from autoseg.errors import AutosegError
 from autoseg.io import ImageReadError
@@ -522,8 +522,10 @@ def _preprocess_one(case: CaseFiles, plan_data: dict, configuration: str, folder
                     device: str, main_pid: int | None = None) -> tuple[str, str | None]:
     """Load, preprocess and store one case; returns ``(case_id, error message or None)``."""
     exit_with_parent(main_pid)  # a pool worker ends with the command, even after kill -9
+    # threads: a worker's share of the cores; a case run in the main process keeps all of its own
+    in_main_process = main_pid == os.getpid()
     try:
-        with _torch_threads(threads):
+        with contextlib.nullcontext() if in_main_process else _torch_threads(threads):
             plan = plan_from_dict(plan_data)
             result = preprocess_case(load_case(case), plan, configuration, device=device)
         sources = {"images": [str(p) for p in case.images], "label": str(case.label) if case.label else None}
@@ -554,7 +556,7 @@ def _run_cases(cases: Sequence[CaseFiles], plan: Plan, configuration: str, folde
     bar = tqdm(total=len(cases), desc=f"preprocess {configuration}", unit="case", disable=not progress)
     with bar:
         # One case per task and unordered results: a worker holds one case at a time.
-        outcomes = case_runner(workers, on_cluster, unordered=True)(tasks)
+        outcomes = run_cases(tasks, workers, on_cluster, unordered=True)
         try:
             for case_id, error in outcomes:
                 results[case_id] = error

@@ -48,6 +48,7 @@ from typing import Literal
 
 import numpy as np
 
+from autoseg.cluster import run_cases
 from autoseg.dataset import (
     CHANNEL_SUFFIX,
     DATASET_JSON,
@@ -63,7 +64,6 @@ from autoseg.errors import AutosegError
 from autoseg.fingerprint import dataset_hash
 from autoseg.io import SUPPORTED_ENDINGS, Image, ImageReadError, file_ending, read_image
 from autoseg.nifti_bytes import check_nifti_bytes
-from autoseg.processes import exit_with_parent
 from autoseg.utils import atomic_write_json
 
 SPACING_RTOL = 1e-4
@@ -484,19 +484,12 @@ def _label_problems(path: Path, array: np.ndarray, declared: frozenset[int] | No
 
 def _check_cases(cases: list[CaseFiles], label_values: frozenset[int] | None, n_jobs: int,
                  progress: bool) -> list[CaseReport]:
+    from joblib import delayed
     from tqdm import tqdm
 
-    if n_jobs == 1 or len(cases) <= 1:
-        results: Iterable[CaseReport] = (check_case(case, label_values) for case in cases)
-        return list(tqdm(results, total=len(cases), desc="validate", unit="case", disable=not progress))
-    from joblib import Parallel, delayed, parallel_config
-
-    # the workers exit with this process, even after kill -9 (before their first task too)
-    with parallel_config(backend="loky", initializer=exit_with_parent, initargs=(os.getpid(),)):
-        # A generator keeps case order and lets the bar advance as cases finish.
-        results = Parallel(n_jobs=min(n_jobs, len(cases)), return_as="generator")(
-            delayed(check_case)(case, label_values) for case in cases)
-        return list(tqdm(results, total=len(cases), desc="validate", unit="case", disable=not progress))
+    # in case order, the bar advancing as cases finish
+    results = run_cases((delayed(check_case)(case, label_values) for case in cases), n_jobs)
+    return list(tqdm(results, total=len(cases), desc="validate", unit="case", disable=not progress))
 
 
 def _mixed_dimensionality(reports: list[CaseReport], images_dir: Path) -> list[Problem]:

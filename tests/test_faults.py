@@ -30,6 +30,7 @@ from test_training_support import cube_cases, make_work, tiny_plan
 from autoseg import atomic
 from autoseg.atomic import WriteError, is_temporary, remove_stale_temporaries
 from autoseg.cli import main
+from autoseg.cluster import WORKER_START_ENV
 from autoseg.dataset import DatasetError
 from autoseg.fingerprint import compute_fingerprint
 from autoseg.io import Image, ImageReadError, read_image, write_image
@@ -43,7 +44,8 @@ from autoseg.utils import atomic_write, atomic_write_json
 from autoseg.validate import DatasetValidationError, require_valid_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# WORKER_START_ENV 0: -j 2 starts its worker processes even for these tiny cases
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), WORKER_START_ENV: "0"}
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -379,7 +381,9 @@ BROKEN_FILES = {
 
 
 @pytest.mark.parametrize("kind", sorted(BROKEN_FILES))
-def test_unreadable_files_come_back_from_pool_workers_intact(make_dataset, kind: str) -> None:
+def test_unreadable_files_come_back_from_pool_workers_intact(make_dataset, kind: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WORKER_START_ENV, "0")
     dataset = make_dataset(num_cases=3, num_channels=1)
     broken = dataset / "imagesTr" / "case_001_0000.nii.gz"
     BROKEN_FILES[kind](broken)
@@ -389,7 +393,9 @@ def test_unreadable_files_come_back_from_pool_workers_intact(make_dataset, kind:
     assert len(str(caught.value).splitlines()) == 1
 
 
-def test_a_shape_mismatch_comes_back_from_pool_workers_in_a_few_lines(make_dataset) -> None:
+def test_a_shape_mismatch_comes_back_from_pool_workers_in_a_few_lines(make_dataset,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WORKER_START_ENV, "0")
     dataset = make_dataset(num_cases=3, num_channels=1)
     label = dataset / "labelsTr" / "case_002.nii.gz"
     write_image(Image(np.zeros((4, 8, 9), np.uint8), (2.0, 0.75, 0.75)), label)  # shape differs from the image

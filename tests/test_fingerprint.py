@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autoseg.cluster import WORKER_START_ENV
 from autoseg.fingerprint import (
     FingerprintError,
     compute_fingerprint,
@@ -115,7 +116,8 @@ def test_cases_are_counted_in_canonical_orientation(tmp_path: Path):
     assert fingerprint.cases[0].channels == fingerprint.cases[1].channels
 
 
-def test_fingerprint_is_the_same_serial_and_parallel(padded_dataset: Path):
+def test_fingerprint_is_the_same_serial_and_parallel(padded_dataset: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(WORKER_START_ENV, "0")  # worker processes even for these tiny cases
     serial = compute_fingerprint(padded_dataset, n_jobs=1, progress=False)
     parallel = compute_fingerprint(padded_dataset, n_jobs=2, progress=False)
     assert fingerprint_to_dict(serial) == fingerprint_to_dict(parallel)

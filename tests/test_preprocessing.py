@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from autoseg.cluster import WORKER_START_ENV
 from autoseg.dataset import CaseData, load_case, training_cases, write_dataset_json
 from autoseg.io import Image, read_image, write_image, write_like
 from autoseg.orientation import (
@@ -427,7 +428,8 @@ def test_restore_probabilities_fill_and_orientation():
 # --- the dataset ----------------------------------------------------------------------------------
 
 
-def test_preprocess_dataset_writes_the_documented_layout(work):
+def test_preprocess_dataset_writes_the_documented_layout(work, monkeypatch):
+    monkeypatch.setenv(WORKER_START_ENV, "0")  # worker processes even for these tiny cases
     work_dir, dataset, plan = work
     summaries = preprocess_dataset(work_dir, n_jobs=2, progress=False)
     assert set(summaries) == {"3d_fullres", "2d"}

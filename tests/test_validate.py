@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autoseg.cluster import WORKER_START_ENV
 from autoseg.io import Image, ImageReadError, read_image, write_image
 from autoseg.nifti_bytes import NiftiByteCheck, check_nifti_bytes
 from autoseg.validate import (
@@ -287,7 +288,8 @@ def test_hidden_files_are_ignored(make_dataset):
     assert validate_read_only(root) == []
 
 
-def test_parallel_gives_the_same_problems_in_case_order(make_dataset):
+def test_parallel_gives_the_same_problems_in_case_order(make_dataset, monkeypatch):
+    monkeypatch.setenv(WORKER_START_ENV, "0")  # worker processes even for these tiny cases
     root = make_dataset(num_cases=4)
     for i in (3, 0, 2):
         edit(root / f"imagesTr/case_{i:03d}_0000.nii.gz", array=lambda a: np.ones_like(a))
