@@ -431,3 +431,15 @@ def test_recommended_configuration_is_checked_and_old_plans_still_load(examples,
     old = load_plan(path)
     with pytest.raises(PlanError, match="recommends no configuration.*choose one with -c: 2d, 3d_fullres"):
         old.recommended()
+
+
+def test_ct_and_mr_channels_get_the_medical_augmentation(examples):
+    """The preset follows the channels' normalization; the --augmentation flag of train still overrides it."""
+    for kind in ("ct", "mri", "2d"):
+        plan = plan_for(examples, kind)
+        schemes = {n.scheme for n in next(iter(plan.configurations.values())).normalization}
+        expected = "medical" if schemes & {"ct", "zscore"} else "default"
+        assert {c.schedule.augmentation for c in plan.configurations.values()} == {expected}, kind
+        decision = next(d for d in plan.decisions if d.key == "augmentation_preset")
+        assert decision.value == expected and decision.reason, kind
+    assert plan_for(examples, "ct").configurations["2d"].schedule.augmentation == "medical"

@@ -74,6 +74,7 @@ from autoseg.planning.heuristics import (
     PoolConvProps,
     anatomical_prior_for,
     augmentation_options,
+    augmentation_preset,
     build_topology,
     cross_entropy_class_weights,
     epochs_for_time_budget,
@@ -108,6 +109,7 @@ class _Context:
     normalization: tuple[ChannelNormalization, ...]
     ct_priors: tuple[IntensityWindow, ...]
     ce_class_weights: tuple[float, ...] | None = None
+    augmentation: str = "default"
     base_features: int = BASE_FEATURES
     max_features: tuple[int, int] = (MAX_FEATURES[2], MAX_FEATURES[3])
     decisions: list[Decision] = field(default_factory=list)
@@ -187,7 +189,8 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     schedule_aug, aug_reason = augmentation_options(patch)
     loss_options = {"ce_class_weights": list(ctx.ce_class_weights)} if ctx.ce_class_weights else {}
     schedule = Schedule(deep_supervision_weights=deep_supervision_weights(topology.num_stages - 1),
-                        mirror_axes=tuple(range(dim)), augmentation_options=schedule_aug,
+                        mirror_axes=tuple(range(dim)), augmentation=ctx.augmentation,
+                        augmentation_options=schedule_aug,
                         oversample_foreground=OVERSAMPLE_FOREGROUND, loss_options=loss_options)
     anisotropic = max(spacing3[-dim:]) / min(spacing3[-dim:]) > ANISOTROPY_THRESHOLD
     configuration = Configuration(
@@ -426,6 +429,8 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
     _plan_class_weights(ctx, fingerprint, dataset)
     for normalization, reason in zip(normalizations, norm_reasons):
         ctx.note("dataset", f"normalization[{normalization.channel}]", normalization.scheme, reason)
+    ctx.augmentation, reason = augmentation_preset(normalizations)
+    ctx.note("dataset", "augmentation_preset", ctx.augmentation, reason)
     if ct_priors:
         ctx.note("dataset", "ct_priors", ", ".join(w.name for w in priors) or "none",
                  f"Hounsfield windows of channel {ct_channels[0]!r} as 3 extra input channels" if priors
