@@ -21,7 +21,7 @@ import importlib
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -174,13 +174,11 @@ def run_cases(tasks: Iterable[Any], n_jobs: int, on_cluster: bool = False, unord
     yield from _closing(case_runner(min(n_jobs, len(rest)), False, unordered)(rest))
 
 
-def _closing(outcomes: Iterator[Any]) -> Iterator[Any]:
+def _closing(outcomes: Generator[Any, None, None]) -> Iterator[Any]:
     try:
         yield from outcomes
     finally:
-        close = getattr(outcomes, "close", None)
-        if close is not None:
-            close()  # stops joblib's workers now, not when the generator is garbage-collected
+        outcomes.close()  # stops joblib's workers now, not when the generator is garbage-collected
 
 
 def case_runner(n_jobs: int, on_cluster: bool = False, unordered: bool = False) -> Any:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,29 +143,26 @@ def _log_sigmoid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), torch.empty_like(x)  # the CPU kernel keeps a buffer as large as x
 
 
-def _upsample(x: torch.Tensor, output_size: Sequence[int] | None, *args: Any) -> torch.Tensor:
-    scales = [a for a in args if isinstance(a, (list, tuple))]
-    if not output_size:
-        output_size = [math.floor(n * s) for n, s in zip(x.shape[2:], scales[0])]
+def _upsample(x: torch.Tensor, output_size: Sequence[int], *args: Any) -> torch.Tensor:
     return x.new_empty((*x.shape[:2], *output_size))
 
 
 _aten = torch.ops.aten
-# Output shapes of the ops whose meta kernels are Python decompositions (``torch._refs``): the first
-# of those calls imports torch._dynamo, about 2 s of every ``autoseg plan``. Any other op keeps
-# torch's own meta kernel, so a network using one is still estimated, only more slowly.
+# Output shapes of the ops the registered networks call whose meta kernels are Python
+# decompositions (``torch._refs``): the first of those calls imports torch._dynamo, about 2 s of
+# every ``autoseg plan``. Any other op keeps torch's own meta kernel, so a network using one is
+# still estimated, only more slowly (and the dynamo test in tests/test_network_memory.py says so).
 _SHAPE_RULES: dict[Any, Callable[..., Any]] = {
-    **{op: _elementwise for op in (_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor,
-                                   _aten.relu.default, _aten.leaky_relu.default, _aten.clamp_min.default,
-                                   _aten._prelu_kernel.default, _aten.gelu.default)},
-    **{op: _in_place for op in (_aten.add_.Tensor, _aten.mul_.Tensor, _aten.relu_.default,
-                                _aten.leaky_relu_.default, _aten.normal_.default)},  # normal_: weight init
+    **{op: _elementwise for op in (_aten.add.Tensor, _aten.mul.Tensor, _aten.relu.default,
+                                   _aten.clamp_min.default, _aten._prelu_kernel.default)},
+    **{op: _in_place for op in (_aten.add_.Tensor, _aten.leaky_relu_.default,
+                                _aten.normal_.default)},  # normal_: weight initialisation
     _aten.cat.default: _cat,
     _aten.native_batch_norm.default: _batch_norm,
     _aten.native_group_norm.default: _group_norm,
     _aten.log_sigmoid_forward.default: _log_sigmoid,
-    **{op: _upsample for op in (_aten.upsample_bilinear2d.default, _aten.upsample_bilinear2d.vec,
-                                _aten.upsample_trilinear3d.default, _aten.upsample_trilinear3d.vec)},
+    _aten.upsample_bilinear2d.default: _upsample,
+    _aten.upsample_trilinear3d.default: _upsample,
 }
 
 

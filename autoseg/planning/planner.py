@@ -507,8 +507,9 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
     recommended, why = recommended_configuration(order, None if fingerprint.is_2d else target, preset)
     ctx.note("dataset", "recommended_configuration", recommended,
              f"{why}; `train` and `predict` use it when no -c is given")
-    return Plan(recommended_configuration=recommended,dataset_name=fingerprint.dataset_name, channel_names=tuple(names), labels=dict(dataset.labels),
-                configurations={n: planned[n] for n in order}, is_2d=fingerprint.is_2d,
+    return Plan(dataset_name=fingerprint.dataset_name, channel_names=tuple(names), labels=dict(dataset.labels),
+                configurations={n: planned[n] for n in order}, recommended_configuration=recommended,
+                is_2d=fingerprint.is_2d,
                 regions_class_order=dataset.regions_class_order, gpu_memory_gb=gpu_memory_gb,
                 fingerprint_hash=sha256_of_json(fingerprint_to_dict(fingerprint)), decisions=tuple(ctx.decisions))
 
