@@ -53,6 +53,8 @@ repeats so that a change of machine load does not favour one side):
    predict the held-out test cases (``imagesTs``) from their last checkpoint with their default
    mirroring TTA, and are scored by ``autoseg.evaluation``: mean test Dice over the foreground
    classes and per class. Target: autoseg at least nnU-Net + 0.10, every class at least 0.5.
+   Hold out enough cases for a class figure to mean something (``--test-cases 8``: two cases with
+   bright lesions, two without lesions, four with dark ones); with the default 2 the split decides it.
 
 Every phase is guarded: a failure is recorded with its error and the remaining phases still run
 where they can. The table of autoseg/nnU-Net ratios is printed and everything is written as JSON.
