@@ -298,10 +298,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_find_postprocessing(args: argparse.Namespace) -> int:
-    from autoseg.postprocessing import find_postprocessing
+    from autoseg.postprocessing import POSTPROCESSING_FILE, find_postprocessing
+    from autoseg.workdir import WorkDir
 
-    decision = find_postprocessing(args.work, args.configuration, folds=args.folds)
-    print(decision)
+    decision = find_postprocessing(args.work, args.configuration, folds=args.folds,
+                                   compute_probabilities=args.probabilities, device=args.device)
+    print(f"{decision.num_cases} validation cases of folds {', '.join(decision.folds)} ({decision.source})")
+    for step in decision.steps:
+        print(f"  {step.step}: mean Dice {step.mean_dice_before:.4f} -> {step.mean_dice_after:.4f}, "
+              f"{'kept' if step.accepted else 'not kept'}")
+    print(f"mean Dice {decision.mean_dice_before:.4f} -> {decision.mean_dice_after:.4f}; wrote "
+          f"{WorkDir(args.work).models(args.configuration) / POSTPROCESSING_FILE}")
     return 0
 
 
@@ -530,12 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", type=Path, help="default: PRED_DIR/evaluation.csv")
     p.set_defaults(handler=_cmd_evaluate)
 
-    p = _subcommand(sub, "find-postprocessing", "Decide from cross-validation whether keeping the largest "
-                                                "component helps, per class.",
-                    "autoseg find-postprocessing work/ct -c 3d_fullres")
+    p = _subcommand(sub, "find-postprocessing", "Decide from cross-validation which post-processing steps help: "
+                                                "the largest component, per class, and with the validation "
+                                                "probabilities the mean-field refinement.",
+                    "autoseg find-postprocessing work/ct -c 3d_fullres --probabilities")
     p.add_argument("work", type=Path)
     p.add_argument("-c", "--configuration", required=True)
     p.add_argument("-f", "--folds", nargs="+", default=None)
+    p.add_argument("--probabilities", action="store_true",
+                   help="first predict each validation case's probabilities with its fold's checkpoint (one "
+                        "sliding-window prediction per case), so the mean-field refinement is evaluated "
+                        "(`calibrate` writes them too)")
+    p.add_argument("--device", default="cpu", help="device of that prediction and the refinement (default cpu)")
     p.set_defaults(handler=_cmd_find_postprocessing)
 
     p = _subcommand(sub, "describe-network", "Print the network's layer table, parameters and memory estimate.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from scipy import ndimage
 from test_inference import case_image, expected_labels, make_model, threshold_network  # noqa: F401 (autouse fixture)
 
+from autoseg.cli import main
 from autoseg.postprocessing import (
     CrfParams,
     PostprocessingDecision,
@@ -275,6 +277,19 @@ def test_crf_is_switched_on_where_it_helps(tmp_path: Path) -> None:
     assert decision.source == "validation probabilities"
     assert decision.crf.evaluated and decision.crf.enabled
     assert decision.crf.dice_after["liver"] > decision.crf.dice_before["liver"] + 0.02
+
+
+def test_the_command_prints_every_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    work = make_model(tmp_path, folds=())
+    for index in range(2):
+        probabilities, truth = noisy_probabilities(seed=index)
+        write_probabilities(work, "0", f"c{index}", _as_three_classes(probabilities), truth)
+    assert main(["find-postprocessing", str(work), "-c", "3d_fullres"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 validation cases of folds 0 (validation probabilities)\n")
+    assert re.search(r"^  crf: mean Dice 0\.\d{4} -> 0\.\d{4}, (kept|not kept)$", out, re.M)
+    assert re.search(r"^  largest_component:lesion: mean Dice", out, re.M)
+    assert re.search(r"^mean Dice 0\.\d{4} -> 0\.\d{4}; wrote .*postprocessing\.json$", out, re.M)
 
 
 def test_crf_stays_off_where_it_would_lower_dice(tmp_path: Path) -> None:
