@@ -307,7 +307,8 @@ def test_crf_stays_off_where_it_would_lower_dice(tmp_path: Path) -> None:
     assert decision.mean_dice_after >= decision.mean_dice_before
 
 
-def test_validation_probabilities_can_be_computed_from_the_folds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("through_the_command", [False, True])
+def test_validation_probabilities_can_be_computed_from_the_folds(tmp_path: Path, through_the_command: bool) -> None:
     work = make_model(tmp_path, folds=("0",))
     image = case_image().astype(np.float32)
     preprocessed = work / "preprocessed" / "3d_fullres"
@@ -317,7 +318,11 @@ def test_validation_probabilities_can_be_computed_from_the_folds(tmp_path: Path)
     folder = work / "models" / "3d_fullres" / "fold_0" / "validation"
     folder.mkdir(parents=True)
     np.save(folder / "c0.npy", np.zeros(image.shape, np.int16))  # a poor prediction, superseded
-    decision = find_postprocessing(work, "3d_fullres", compute_probabilities=True, progress=False)
+    if through_the_command:
+        assert main(["find-postprocessing", str(work), "-c", "3d_fullres", "--probabilities"]) == 0
+        decision = load_postprocessing(work / "models" / "3d_fullres")
+    else:
+        decision = find_postprocessing(work, "3d_fullres", compute_probabilities=True, progress=False)
     stored = np.load(folder / "c0_probabilities.npy")
     assert stored.shape == (3, *image.shape) and stored.dtype == np.float16
     np.testing.assert_array_equal(stored.argmax(0), expected_labels(image))
