@@ -302,7 +302,7 @@ def _cmd_find_postprocessing(args: argparse.Namespace) -> int:
     from autoseg.workdir import WorkDir
 
     decision = find_postprocessing(args.work, args.configuration, folds=args.folds,
-                                   compute_probabilities=args.probabilities, device=args.device)
+                                   compute_probabilities=args.probabilities, device=_chosen_device(args.device))
     print(f"{decision.num_cases} validation cases of folds {', '.join(decision.folds)} ({decision.source})")
     for step in decision.steps:
         print(f"  {step.step}: mean Dice {step.mean_dice_before:.4f} -> {step.mean_dice_after:.4f}, "
@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first predict each validation case's probabilities with its fold's checkpoint (one "
                         "sliding-window prediction per case), so the mean-field refinement is evaluated "
                         "(`calibrate` writes them too)")
-    p.add_argument("--device", default="cpu", help="device of that prediction and the refinement (default cpu)")
+    _device_argument(p)
     p.set_defaults(handler=_cmd_find_postprocessing)
 
     p = _subcommand(sub, "describe-network", "Print the network's layer table, parameters and memory estimate.",

@@ -284,9 +284,10 @@ def test_the_command_prints_every_step(tmp_path: Path, capsys: pytest.CaptureFix
     for index in range(2):
         probabilities, truth = noisy_probabilities(seed=index)
         write_probabilities(work, "0", f"c{index}", _as_three_classes(probabilities), truth)
-    assert main(["find-postprocessing", str(work), "-c", "3d_fullres"]) == 0
+    assert main(["find-postprocessing", str(work), "-c", "3d_fullres", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("2 validation cases of folds 0 (validation probabilities)\n")
+    assert out.startswith("device: ")
+    assert "\n2 validation cases of folds 0 (validation probabilities)\n" in out
     assert re.search(r"^  crf: mean Dice 0\.\d{4} -> 0\.\d{4}, (kept|not kept)$", out, re.M)
     assert re.search(r"^  largest_component:lesion: mean Dice", out, re.M)
     assert re.search(r"^mean Dice 0\.\d{4} -> 0\.\d{4}; wrote .*postprocessing\.json$", out, re.M)
