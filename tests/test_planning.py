@@ -29,7 +29,12 @@ from autoseg.planning import (
     plan_dataset,
     verify_memory,
 )
-from autoseg.planning.heuristics import MAX_CLASS_WEIGHT, OVERSAMPLE_FOREGROUND, cross_entropy_class_weights
+from autoseg.planning.heuristics import (
+    CPU_MAX_BATCH,
+    MAX_CLASS_WEIGHT,
+    OVERSAMPLE_FOREGROUND,
+    cross_entropy_class_weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +221,20 @@ def test_cpu_preset_plans_a_small_unet_within_its_budget(examples):
     assert configuration.estimated_memory_gb <= memory_budget_bytes(3, 2.0) / GIB
     # same pooling rules, so the same anisotropic topology as the GPU plan
     assert configuration.topology.kernel_sizes[0] == default.topology.kernel_sizes[0]
+
+
+def test_cpu_preset_caps_the_batch_where_a_gpu_plan_would_grow_it(examples):
+    """On a CPU a step's time grows with the batch: the cpu preset stops at CPU_MAX_BATCH."""
+    _, fingerprint, dataset = examples["ct"]
+    many = dataclasses.replace(fingerprint, cases=fingerprint.cases * 20)  # 60 cases: the 5 % cap is large
+    plans = {preset: make_plan(many, dataset, preset=preset, configurations=["2d"], gpu_memory_gb=8.0)
+             for preset in (None, "cpu")}
+    assert plans[None].configuration("2d").batch_size > CPU_MAX_BATCH  # the same budget, no such cap
+    assert plans["cpu"].configuration("2d").batch_size == CPU_MAX_BATCH
+    decision = next(d for d in plans["cpu"].decisions if d.key == "batch_size")
+    assert f"at most {CPU_MAX_BATCH}" in decision.reason
+    few = make_plan(fingerprint, dataset, preset="cpu", configurations=["2d"]).configuration("2d")
+    assert few.batch_size < CPU_MAX_BATCH  # 3 cases: the dataset fraction decides, as before
 
 
 def test_every_registered_architecture_can_be_planned(examples):

@@ -206,6 +206,12 @@ def test_fit_shrinks_until_a_batch_of_two_fits_and_caps_the_batch():
     capped = fit_patch_and_batch(spacing, median, cost, budget=1e9, dataset_voxels=200**3)
     assert capped.batch_cap == round(200**3 * 0.05 / math.prod(capped.patch_size))
     assert capped.batch_size == max(2, min(capped.batch_from_memory, capped.batch_cap))
+    # a fixed cap (the cpu preset's) wins over memory and the dataset, but never goes below min_batch
+    unlimited = fit_patch_and_batch(spacing, median, cost, budget=1e9, dataset_voxels=1e12)
+    assert unlimited.batch_size > 12
+    limited = fit_patch_and_batch(spacing, median, cost, budget=1e9, dataset_voxels=1e12, max_batch=12)
+    assert limited.batch_size == 12 and limited.patch_size == unlimited.patch_size
+    assert fit_patch_and_batch(spacing, median, cost, budget=1e9, dataset_voxels=1e12, max_batch=1).batch_size == 2
 
 
 @pytest.mark.parametrize(("stages", "expected"), [

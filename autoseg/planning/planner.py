@@ -109,6 +109,7 @@ class _Context:
     normalization: tuple[ChannelNormalization, ...]
     ct_priors: tuple[IntensityWindow, ...]
     ce_class_weights: tuple[float, ...] | None = None
+    max_batch: int | None = None
     augmentation: str = "default"
     base_features: int = BASE_FEATURES
     max_features: tuple[int, int] = (MAX_FEATURES[2], MAX_FEATURES[3])
@@ -178,7 +179,8 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     spacing = tuple(spacing3[-dim:])
     cost, budget, linear, unit = ctx.cost_function(dim)
     first_fit = fit = fit_patch_and_batch(spacing, median_shape, cost, budget, dataset_voxels,
-                                          linear_batch=linear, max_dataset_fraction=ctx.max_dataset_fraction)
+                                          linear_batch=linear, max_dataset_fraction=ctx.max_dataset_fraction,
+                                          max_batch=ctx.max_batch)
     check = None
     if ctx.uses_proxy and not quiet:
         fit, check = _check_with_network_estimate(ctx, dim, spacing, median_shape, dataset_voxels, fit)
@@ -212,7 +214,9 @@ def _plan_configuration(ctx: _Context, name: str, spacing3: tuple[float, float, 
     note(name, "batch_size", first_fit.batch_size,
          f"memory allows {first_fit.batch_from_memory} ({'round' if linear else 'largest fitting'} of budget / "
          f"cost), {ctx.max_dataset_fraction:.0%} of the dataset's {dataset_voxels:.4g} voxels allows "
-         f"{first_fit.batch_cap} patches of {math.prod(first_fit.patch_size)} voxels; minimum {MIN_BATCH}")
+         f"{first_fit.batch_cap} patches of {math.prod(first_fit.patch_size)} voxels; minimum {MIN_BATCH}"
+         + (f"; at most {ctx.max_batch}: a CPU step's time grows with the batch, so within a time budget "
+            "a smaller batch gives more updates" if ctx.max_batch else ""))
     if check is not None:
         note(name, "memory_check", f"{_fmt(patch)}, batch {fit.batch_size}", check)
     note(name, "strides", topology.strides,
@@ -259,7 +263,7 @@ def _check_with_network_estimate(ctx: _Context, dim: int, spacing: Sequence[floa
         return smaller, (f"network-based estimate {estimate / GIB:.3g} GiB > calibrated budget {budget / GIB:.3g} "
                          f"GiB at batch {fit.batch_size}: batch reduced to {batch}")
     refit = fit_patch_and_batch(spacing, median_shape, ctx.memory_cost, budget, dataset_voxels, linear_batch=False,
-                                max_dataset_fraction=ctx.max_dataset_fraction)
+                                max_dataset_fraction=ctx.max_dataset_fraction, max_batch=ctx.max_batch)
     return refit, (f"network-based estimate {estimate / GIB:.3g} GiB > calibrated budget {budget / GIB:.3g} GiB even "
                    f"at batch {MIN_BATCH}: the patch shrinks further by the same rule with the network-based cost")
 
@@ -386,6 +390,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
             raise PlanError(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGURATION_NAMES)}")
     blocks = DEFAULT_BLOCKS
     max_fraction = MAX_DATASET_FRACTION
+    max_batch: int | None = None
     base_features, max_features = BASE_FEATURES, (MAX_FEATURES[2], MAX_FEATURES[3])
     if preset is not None:
         if preset not in PRESETS:
@@ -395,7 +400,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
             raise PlanError(f"preset {preset!r} sets the architecture {chosen.arch!r}, but --arch {arch!r} was given")
         arch = chosen.arch
         blocks = (chosen.blocks_encoder, chosen.blocks_decoder)
-        max_fraction = chosen.max_dataset_fraction
+        max_fraction, max_batch = chosen.max_dataset_fraction, chosen.max_batch
         base_features, max_features = chosen.base_features, chosen.max_features
         gpu_memory_gb = chosen.gpu_memory_gb if gpu_memory_gb is None else gpu_memory_gb
     gpu_memory_gb = REFERENCE_GB if gpu_memory_gb is None else float(gpu_memory_gb)
@@ -414,7 +419,7 @@ def make_plan(fingerprint: Fingerprint, dataset_json: DatasetJson | dict | str |
 
     ctx = _Context(arch=arch, in_channels=len(names) + len(priors), num_classes=num_output_classes(dataset),
                    blocks_encoder=tuple(blocks[0]), blocks_decoder=tuple(blocks[1]), gpu_memory_gb=gpu_memory_gb,
-                   max_dataset_fraction=max_fraction, num_cases=fingerprint.num_cases,
+                   max_dataset_fraction=max_fraction, max_batch=max_batch, num_cases=fingerprint.num_cases,
                    base_features=base_features, max_features=max_features,
                    normalization=tuple(normalizations), ct_priors=priors)
     ctx.note("dataset", "architecture", arch,
