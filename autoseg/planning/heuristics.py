@@ -470,7 +470,8 @@ def fit_patch_and_batch(spacing: Sequence[float], median_shape: Sequence[float],
         while batch_from_memory > min_batch and cost(props, batch_from_memory) > budget:
             batch_from_memory -= 1
     cap = int(round(dataset_voxels * max_dataset_fraction / math.prod(props.patch_size)))
-    batch = max(min(batch_from_memory, cap, max_batch or cap), min_batch)
+    largest = min(batch_from_memory, cap) if max_batch is None else min(batch_from_memory, cap, max_batch)
+    batch = max(largest, min_batch)
     return PatchFit(props=props, batch_size=batch, batch_from_memory=batch_from_memory, batch_cap=cap,
                     cost=float(cost(props, batch)), budget=float(budget), initial_patch=start,
                     reductions=reductions)
